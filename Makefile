@@ -1,0 +1,56 @@
+# One entry point for people, the README and CI.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install fleet stop test test-docker lint typecheck pytest bench bench-quick services
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Bring up a local fleet (Redis, the vLLM simulator unless VLLM_URL is set, a worker, beat) and run a sample of each task.
+fleet: install
+	bash scripts/services.sh redis
+	$(BIN)/python scripts/fleet.py up --sample
+
+## Stop what `make fleet` started.
+stop:
+	$(BIN)/python scripts/fleet.py down
+
+## Every check: lint, types, and the whole test suite against real Redis, RabbitMQ and the simulator.
+test: install
+	bash scripts/services.sh redis rabbitmq
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+## pytest-celery's Docker-based smoke tests (needs a Docker engine; not part of `make test`).
+test-docker: install
+	$(BIN)/python -m pytest -p celery -o addopts="" tests_docker
+
+bench: install
+	bash scripts/services.sh redis rabbitmq
+	$(BIN)/python -m bench --mode full
+
+bench-quick: install
+	bash scripts/services.sh redis rabbitmq
+	$(BIN)/python -m bench --mode quick
+
+services:
+	bash scripts/services.sh redis rabbitmq

@@ -1,0 +1,296 @@
+"""The processes a benchmark run starts, and their cleanup even on failure.
+
+Every child (simulator, Celery worker, load generator) runs in its own session, so stopping it signals
+its whole process group. Every child is recorded in ``ALL``; ``stop_all`` (called from ``finally`` and at
+exit, and on SIGTERM/SIGINT through ``install_signal_handlers``) ends whatever is still running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import psutil
+
+from simulator.cli import READY_PREFIX
+
+__all__ = [
+    "ALL",
+    "CpuMeter",
+    "Managed",
+    "flush_redis",
+    "install_signal_handlers",
+    "rabbit_vhost",
+    "server_pids",
+    "start_simulator",
+    "start_worker",
+    "stop_all",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = Path(tempfile.gettempdir()) / "vllm-fleet-bench"
+STOP_GRACE_S = 10.0
+SIM_START_TIMEOUT_S = 30.0
+ALL: list[Managed] = []
+_lock = threading.Lock()
+
+
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+class Managed:
+    """One child process in its own process group, stopped with its group."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stdin: int | None = None,
+    ) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = LOG_DIR / f"{name}.{os.getpid()}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            list(argv),
+            env=_child_env(env),
+            stdout=stdout if stdout is not None else self._log,
+            stderr=self._log,
+            stdin=stdin,
+            text=True,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+        self.ps = psutil.Process(self.process.pid)
+        with _lock:
+            ALL.append(self)
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (also its process group id)."""
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """Whether the child still runs."""
+        return self.process.poll() is None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the child and its descendants."""
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for proc in [self.ps, *self.ps.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+        return total
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the child wrote to its log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to the group, then SIGKILL to the group if it lingers."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(grace_s)
+        self._log.close()
+        with _lock:
+            if self in ALL:
+                ALL.remove(self)
+
+
+def stop_all() -> None:
+    """Stop every child still running (newest first)."""
+    with _lock:
+        children = list(reversed(ALL))
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.stop(grace_s=3.0)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks run; stop children at interpreter exit too."""
+
+    def _exit(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    atexit.register(stop_all)
+
+
+def _read_lines(stream: IO[str], lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@dataclass
+class Simulator:
+    """A ``vllm-sim`` child and its URL."""
+
+    managed: Managed
+    url: str
+    models: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop the child."""
+        self.managed.stop()
+
+
+def start_simulator(
+    name: str,
+    models: Sequence[str],
+    *,
+    context: int = 32768,
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    output_tokens: int = 16,
+    max_running: int = 1024,
+) -> Simulator:
+    """Start ``vllm-sim`` on a free loopback port serving ``models`` (lorem text) and wait for its URL."""
+    argv = [sys.executable, "-m", "simulator.cli", "--host", "127.0.0.1", "--port", "0"]
+    for model in models:
+        argv += ["--model", f"{model}:{context}"]
+    argv += [
+        "--ttft-ms",
+        str(ttft_ms),
+        "--itl-ms",
+        str(itl_ms),
+        "--output-tokens",
+        str(output_tokens),
+        "--max-running",
+        str(max_running),
+        "--text-mode",
+        "lorem",
+    ]
+    managed = Managed(name, argv, stdout=subprocess.PIPE)
+    assert managed.process.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(managed.process.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + SIM_START_TIMEOUT_S
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            managed.stop()
+            raise RuntimeError(f"simulator {name} did not start: {managed.log_tail()}") from None
+        if line.startswith(READY_PREFIX):
+            return Simulator(managed, line[len(READY_PREFIX) :].strip(), list(models))
+
+
+def start_worker(env: Mapping[str, str], name: str, concurrency: int) -> Managed:
+    """A real ``celery worker`` (threads pool) configured only by ``VLLM_FLEET_*`` variables."""
+    from tasks.cli import worker_process_argv
+
+    return Managed(name, worker_process_argv(name, concurrency), env=env, stdout=subprocess.DEVNULL)
+
+
+def flush_redis(base_url: str, databases: Sequence[int]) -> None:
+    """Empty the benchmark's own Redis databases (never the default ones)."""
+    import redis
+
+    for db in databases:
+        client = redis.Redis.from_url(f"{base_url}/{db}")
+        client.flushdb()
+        client.close()
+
+
+def _rabbitmqctl(*args: str, check: bool = True) -> None:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def rabbit_vhost(vhost: str, host: str = "127.0.0.1", port: int = 5672) -> Iterator[str]:
+    """A fresh RabbitMQ vhost (guest has every permission on it), deleted afterwards; yields its URL."""
+    _rabbitmqctl("delete_vhost", vhost, check=False)
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{host}:{port}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost, check=False)
+
+
+def server_pids() -> dict[str, list[int]]:
+    """Process ids of the Redis and RabbitMQ servers on this machine (for their CPU figures)."""
+    found: dict[str, list[int]] = {"redis": [], "rabbitmq": []}
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info.get("name") or ""
+        if name.startswith("redis-server"):
+            found["redis"].append(proc.pid)
+        elif name in ("beam.smp", "beam"):
+            found["rabbitmq"].append(proc.pid)
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used by named groups of processes between ``start`` and ``stop``, as cores busy."""
+
+    def __init__(self, groups: Mapping[str, Sequence[int]]) -> None:
+        self.groups = {name: list(pids) for name, pids in groups.items()}
+        self._start: dict[str, float] = {}
+        self._machine_start: Any = None
+        self._t0 = 0.0
+        self.wall_s = 0.0
+        self.result: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(pids: Sequence[int]) -> float:
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
+
+    def start(self) -> None:
+        """Take the first reading."""
+        self._t0 = time.monotonic()
+        self._machine_start = psutil.cpu_times()
+        self._start = {name: self._cpu(pids) for name, pids in self.groups.items()}
+
+    def stop(self) -> dict[str, float]:
+        """Cores busy per group over the interval, plus ``machine`` (all processes), ``other`` and ``idle``."""
+        wall = self.wall_s = time.monotonic() - self._t0
+        machine = psutil.cpu_times()
+        result = {
+            name: (self._cpu(pids) - self._start[name]) / wall if wall > 0 else 0.0
+            for name, pids in self.groups.items()
+        }
+        idle_s = (machine.idle - self._machine_start.idle) + (
+            getattr(machine, "iowait", 0.0) - getattr(self._machine_start, "iowait", 0.0)
+        )
+        cores = psutil.cpu_count() or 1
+        known = sum(result.values())
+        result["idle"] = idle_s / wall if wall > 0 else 0.0
+        result["machine"] = max(0.0, cores - result["idle"])
+        result["other"] = max(0.0, result["machine"] - known)
+        self.result = result
+        return result

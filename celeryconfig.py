@@ -1,0 +1,70 @@
+"""Every Celery setting of the fleet, derived from the typed settings (``provider.settings``).
+
+Celery reads this module with ``app.config_from_object("celeryconfig")``. Nothing here is set by hand:
+change the environment (``VLLM_FLEET_*``) or the config file instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beat_schedule import build_beat_schedule
+from provider.settings import Settings, get_settings
+
+_BROKER_MARGIN_S = 60.0
+_MANAGEMENT_THREADS = 2
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for one settings object."""
+    longest_s = settings.timeouts.longest_s
+    is_amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+    transport_options: dict[str, Any] = {}
+    if is_amqp:
+        transport_options["confirm_publish"] = True
+    else:
+        # Unacked messages come back after this long: it must exceed the longest request deadline
+        # (a shorter one, for tests, relies on the jti lease to keep a running request from running twice).
+        visibility_s = settings.redis_visibility_timeout_s or longest_s + _BROKER_MARGIN_S
+        transport_options["visibility_timeout"] = int(visibility_s)
+        transport_options["unacked_restore_interval"] = max(1, min(10, int(visibility_s / 4)))
+        transport_options["unacked_restore_throttle"] = 1
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # vLLM batches continuously: a worker keeps as many requests in flight as its instances accept.
+        "worker_pool": "threads",
+        "worker_concurrency": sum(i.concurrency for i in settings.usable_instances()) + _MANAGEMENT_THREADS,
+        # Flower shows workers, tasks, states and runtimes from task events. They cost a publish per state change
+        # (about a sixth of a worker's CPU per request, measured): SEND_TASK_EVENTS=false saves that where no
+        # Flower watches (Flower can still switch them on in running workers, after which it sees new tasks).
+        "worker_send_task_events": settings.send_task_events,
+        # A "task-sent" event per request from producers costs one more publish on the hot path: opt in.
+        "task_send_sent_event": settings.send_sent_events,
+        "task_default_queue": "llm.fleet.control",
+        "task_create_missing_queues": True,
+        "task_routes": ("tasks.routing.route_task",),
+        "result_expires": int(settings.result_expires_s),
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # one connection per worker thread at once: redis-py's default pool of 100 fails a worker with -c 256
+        "redis_max_connections": max(100, 2 * sum(i.concurrency for i in settings.usable_instances()) + 32),
+        "task_time_limit": int(longest_s + _BROKER_MARGIN_S),
+        "worker_hijack_root_logger": False,
+        "worker_consumer": "tasks.consumer:FleetConsumer",
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "beat_schedule": build_beat_schedule(settings),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+globals().update(build_config(get_settings()))

@@ -1,0 +1,156 @@
+"""Fleet protocol v2: envelopes, signed tokens, sealing, the replay/idempotency ledger (no Celery here).
+
+A worker's order (design.md, "Deadlines, delivery, retries and replay")::
+
+    verified = codec.verify_request(body, lane=queue, task_name=name)  # EnvelopeError: refuse, no requeue
+    outcome = ledger.claim(verified.jti, verified.token_digest, holder,
+                           memory_s=max(replay_memory_s, verified.time_left_s() + leeway_s))
+    MISMATCH  -> outcome.raise_if_replayed()                             # another message reuses the jti
+    COMPLETED -> return outcome.result                                   # same work, even past the deadline
+    HELD      -> do not run it again (a live holder has it)
+    TAKEN     -> codec.check_deadline(verified)                          # only now: ExpiredError
+                 idem.reserve(verified.idempotency_scope, verified.idempotency_key,
+                              verified.params_hash, verified.request_id, ttl_s)
+                 run; ledger.complete(jti, holder, codec.response(verified, body), ttl_s)
+                 or, handing back before any work, ledger.release(jti, holder)
+"""
+
+from provider.protocol._bench import bench_codec
+from provider.protocol.canonical import CanonicalizationError, canonical_json, sha256_hex, sha256_hex_bytes
+from provider.protocol.codec import DEFAULT_PROVIDER, REPLY_TO_PREFIX, EnvelopeCodec, VerifiedRequest
+from provider.protocol.envelope import (
+    ALLOWED_OPERATIONS,
+    ERROR_MESSAGE_TYPE,
+    EXACT_OFFERING_V1,
+    EXECUTION_CONTRACTS,
+    INFERENCE_OPERATIONS,
+    LEGACY_FIELDS,
+    MANAGEMENT_OPERATIONS,
+    PLAIN_RESPONSE_FIELDS,
+    PROTOCOL_VERSION,
+    REQUEST_MESSAGE_TYPE,
+    RESPONSE_MESSAGE_TYPE,
+    SEALED_RESPONSE_FIELDS,
+    ErrorEnvelope,
+    Operation,
+    RequestEnvelope,
+    ResponseEnvelope,
+    SealedBox,
+    check_legacy_fields,
+)
+from provider.protocol.errors import (
+    CONFIGURATION_ERROR,
+    POLICY_ERROR,
+    PROVIDER_ERROR,
+    ClaimMismatchError,
+    DecryptFailedError,
+    EncryptionRequiredError,
+    EnvelopeError,
+    ExpiredError,
+    FleetError,
+    IdempotencyConflictError,
+    InvalidSignatureError,
+    KeyConfigurationError,
+    LegacyFieldError,
+    MalformedError,
+    NotYetValidError,
+    OperationNotAllowedError,
+    PayloadHashMismatchError,
+    ReplayedError,
+    TooLargeError,
+    UnknownKeyError,
+    UnsupportedContractError,
+    UnsupportedVersionError,
+    WrongAudienceError,
+    WrongIssuerError,
+    umbrella_code,
+)
+from provider.protocol.keys import (
+    GeneratedEncryptionKey,
+    GeneratedKeypair,
+    KeyRing,
+    generate_encryption_key,
+    generate_keypair,
+    generated_security,
+)
+from provider.protocol.ledger import (
+    ClaimOutcome,
+    ClaimStatus,
+    IdemOutcome,
+    IdempotencyStore,
+    IdemStatus,
+    JtiLedger,
+)
+from provider.protocol.sealing import PURPOSE_PARAMS, PURPOSE_RESULT, PURPOSE_STREAM, open_sealed, seal
+
+__all__ = [
+    "ALLOWED_OPERATIONS",
+    "CONFIGURATION_ERROR",
+    "DEFAULT_PROVIDER",
+    "ERROR_MESSAGE_TYPE",
+    "EXACT_OFFERING_V1",
+    "EXECUTION_CONTRACTS",
+    "INFERENCE_OPERATIONS",
+    "LEGACY_FIELDS",
+    "MANAGEMENT_OPERATIONS",
+    "PLAIN_RESPONSE_FIELDS",
+    "POLICY_ERROR",
+    "PROTOCOL_VERSION",
+    "PROVIDER_ERROR",
+    "PURPOSE_PARAMS",
+    "PURPOSE_RESULT",
+    "PURPOSE_STREAM",
+    "REPLY_TO_PREFIX",
+    "REQUEST_MESSAGE_TYPE",
+    "RESPONSE_MESSAGE_TYPE",
+    "SEALED_RESPONSE_FIELDS",
+    "CanonicalizationError",
+    "ClaimMismatchError",
+    "ClaimOutcome",
+    "ClaimStatus",
+    "DecryptFailedError",
+    "EncryptionRequiredError",
+    "EnvelopeCodec",
+    "EnvelopeError",
+    "ErrorEnvelope",
+    "ExpiredError",
+    "FleetError",
+    "GeneratedEncryptionKey",
+    "GeneratedKeypair",
+    "IdemOutcome",
+    "IdemStatus",
+    "IdempotencyConflictError",
+    "IdempotencyStore",
+    "InvalidSignatureError",
+    "JtiLedger",
+    "KeyConfigurationError",
+    "KeyRing",
+    "LegacyFieldError",
+    "MalformedError",
+    "NotYetValidError",
+    "Operation",
+    "OperationNotAllowedError",
+    "PayloadHashMismatchError",
+    "ReplayedError",
+    "RequestEnvelope",
+    "ResponseEnvelope",
+    "SealedBox",
+    "TooLargeError",
+    "UnknownKeyError",
+    "UnsupportedContractError",
+    "UnsupportedVersionError",
+    "VerifiedRequest",
+    "WrongAudienceError",
+    "WrongIssuerError",
+    "bench_codec",
+    "canonical_json",
+    "check_legacy_fields",
+    "generate_encryption_key",
+    "generate_keypair",
+    "generated_security",
+    "open_sealed",
+    "seal",
+    "sha256_hex",
+    "sha256_hex_bytes",
+    "umbrella_code",
+]

@@ -1,0 +1,92 @@
+"""The producer API of the vLLM Celery fleet.
+
+    from tasks import chat, embed, stream_chat, open_stream
+
+    reply = chat.delay(model="qwen3-6-27b", messages=[{"role": "user", "content": "Hi"}]).get()
+    result = stream_chat.delay(model="qwen3-6-27b", messages=[...])
+    for chunk in open_stream(result):
+        print(chunk.content or "", end="")
+
+Results are opened response envelopes (dicts); failures raise ``FleetError`` with a ``code``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from provider.models import StreamChunk
+from provider.protocol import FleetError
+from tasks.app import app
+from tasks.fleet import (
+    chat,
+    discover,
+    embed,
+    health,
+    is_sleeping,
+    list_models,
+    readiness,
+    reset_mm_cache,
+    reset_prefix_cache,
+    sleep,
+    stream_chat,
+    version,
+    wake_up,
+)
+from tasks.producer import FleetGroupResult, FleetResult
+from tasks.runtime import configure, runtime
+from tasks.streams import FleetStream, StreamReset
+
+__all__ = [
+    "FleetError",
+    "FleetGroupResult",
+    "FleetResult",
+    "FleetStream",
+    "StreamChunk",
+    "StreamReset",
+    "app",
+    "cancel",
+    "chat",
+    "configure",
+    "discover",
+    "embed",
+    "health",
+    "is_sleeping",
+    "list_models",
+    "open_stream",
+    "readiness",
+    "reset_mm_cache",
+    "reset_prefix_cache",
+    "sleep",
+    "stream_chat",
+    "version",
+    "wake_up",
+]
+
+
+def open_stream(result: FleetResult | str, *, start_id: str = "0-0", timeout_s: float | None = None) -> FleetStream:
+    """Chunks of a ``stream_chat`` task, live or late, from ``start_id`` (``"0-0"`` = the beginning)."""
+    rt = runtime()
+    task_id = result if isinstance(result, str) else result.id
+    deadline = getattr(result, "deadline", None)
+    if timeout_s is not None:
+        deadline = time.time() + timeout_s
+    if deadline is None:
+        deadline = time.time() + rt.settings.timeouts.stream_s
+    return FleetStream(
+        task_id,
+        client=rt.redis,
+        key=rt.keys.stream(task_id),
+        cancel_key=rt.keys.cancel(task_id),
+        deadline=deadline,
+        sealer=rt.stream_sealer(task_id),
+        start_id=start_id,
+    )
+
+
+def cancel(result: FleetResult | str, *, revoke: bool = True) -> None:
+    """Give up on a request: a stream stops within one chunk; a queued task is revoked."""
+    rt = runtime()
+    task_id = result if isinstance(result, str) else result.id
+    rt.redis.set(rt.keys.cancel(task_id), b"1", px=3_600_000)
+    if revoke:
+        app.control.revoke(task_id)

@@ -1,0 +1,32 @@
+"""The one Celery app of the fleet, configured from ``celeryconfig`` (which reads the typed settings)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+import celeryconfig
+from provider.settings import Settings, get_settings
+from tasks.queues import control_queues
+
+__all__ = ["app"]
+
+app = Celery("vllm_fleet")
+app.config_from_object(celeryconfig)
+app.conf.include = ["tasks.fleet"]
+
+
+def apply_queue_declarations(settings: Settings) -> None:
+    """Declare the control queue the way lanes are declared (see ``tasks.queues.control_queues``)."""
+    app.conf.task_queues = control_queues(settings.lanes, settings.broker_url)
+
+
+apply_queue_declarations(get_settings())
+
+
+def _install_worker_steps() -> None:
+    from tasks.worker import FleetConsumerStep
+
+    app.steps["consumer"].add(FleetConsumerStep)
+
+
+_install_worker_steps()

@@ -1,0 +1,316 @@
+"""The producer API: ``chat.delay(model=..., messages=...)`` builds, routes, signs and publishes one envelope.
+
+Every fleet task's ``apply_async`` takes the request's own keyword arguments (``provider.models.ChatRequest``
+fields for chat and stream_chat, ``EmbedRequest`` fields for embed, the call's arguments plus ``instance`` for
+management) and these fleet options, all optional:
+
+| option | meaning |
+|---|---|
+| ``timeout_s`` | the one deadline, from now; default per operation from settings |
+| ``idempotency_key`` | a resubmission with the same key returns the stored result (scoped to caller and operation) |
+| ``correlation_id`` | groups requests of one conversation or job |
+| ``caller``, ``message_context``, ``trace_context`` | JSON objects carried (hashed in the token) for the caller's use |
+| ``fleet_priority`` | ``critical``, ``high``, ``normal`` (default) or ``low`` |
+
+A pre-built envelope (``apply_async(args=[envelope])``, or ``send_task`` from another language) is published
+to its own lane unchanged. The returned ``FleetResult.get()`` opens the response envelope and raises
+``FleetError`` for an error envelope, and never waits past the request's deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, ClassVar, cast
+
+from celery import Task
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ValidationError
+
+from provider.models import ChatRequest, EmbedRequest
+from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
+from tasks.errors import FleetTaskError, error_as_dict, fleet_error_from_envelope
+from tasks.routing import live_instances, pick_lane, pick_management_queue, queue_for
+from tasks.runtime import FleetRuntime, runtime
+
+__all__ = [
+    "FLEET_OPTIONS",
+    "PRIORITIES",
+    "FleetGroupResult",
+    "FleetResult",
+    "FleetTask",
+    "ManagementParams",
+]
+
+PRIORITIES = {"critical": 9, "high": 7, "normal": 5, "low": 2}
+FLEET_OPTIONS = (
+    "timeout_s",
+    "idempotency_key",
+    "correlation_id",
+    "caller",
+    "message_context",
+    "trace_context",
+    "fleet_priority",
+)
+_RESULT_GRACE_S = 2.0
+_REDIS_LOWEST_PRIORITY = 9  # kombu's Redis transport serves 0 first: AMQP priorities are inverted there
+_MANAGEMENT = MANAGEMENT_OPERATIONS
+
+
+class ManagementParams(BaseModel):
+    """Arguments of the management operations (each uses the ones it needs)."""
+
+    model_config = {"extra": "forbid"}
+
+    level: int | None = None
+    mode: str | None = None
+    tags: list[str] | None = None
+    reset_running_requests: bool | None = None
+    reset_external: bool | None = None
+    live: bool | None = None
+
+
+def is_envelope(value: Any) -> bool:
+    """Whether a task argument is already a fleet envelope."""
+    return isinstance(value, dict) and "signed_token" in value and "routing_key" in value
+
+
+def _timeout_for(rt: FleetRuntime, operation: str) -> float:
+    timeouts = rt.settings.timeouts
+    if operation == "embed":
+        return timeouts.embed_s
+    if operation == "stream_chat":
+        return timeouts.stream_s
+    if operation in ("chat", "count_tokens"):
+        return timeouts.chat_s
+    return timeouts.management_s
+
+
+def _validated_params(operation: str, params: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Validate a request's own arguments at submit (clear errors before anything is published)."""
+    model_cls: type[BaseModel]
+    if operation in ("chat", "stream_chat", "count_tokens"):
+        model_cls = ChatRequest
+    elif operation == "embed":
+        model_cls = EmbedRequest
+    else:
+        model_cls = ManagementParams
+    try:
+        parsed = model_cls.model_validate(params)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) or "request" for err in exc.errors())
+        raise FleetError(
+            f"invalid {operation} request: check {fields}", code="invalid_request", retryable=False
+        ) from None
+    model = getattr(parsed, "model", None)
+    return model, parsed.model_dump(mode="json", exclude_none=True)
+
+
+class FleetResult(AsyncResult):  # type: ignore[type-arg]
+    """An ``AsyncResult`` that opens response envelopes and raises typed ``FleetError``s."""
+
+    deadline: float | None = None
+
+    def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The opened response; waits at most until the request's deadline (plus a short grace)."""
+        if timeout is None and self.deadline is not None:
+            timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
+        try:
+            raw = super().get(timeout=timeout, propagate=True, **kwargs)
+        except CeleryTimeoutError:
+            raise FleetError("no result before the request's deadline", code="fleet_timeout", retryable=True) from None
+        except FleetTaskError as exc:
+            runtime().codec.open_response(exc.envelope, request_id=self.id)  # raises the typed FleetError
+            raise fleet_error_from_envelope(exc.envelope) from None
+        except Exception as exc:  # a revoked (expired) task, or a worker-side crash Celery reports
+            if type(exc).__name__ in ("TaskRevokedError",):
+                raise FleetError("the request expired before a worker took it", code="fleet_timeout") from None
+            raise
+        return runtime().codec.open_response(raw, request_id=self.id)
+
+
+class FleetGroupResult:
+    """Results of a fan-out to every instance: ``get()`` maps instance name to its answer or error."""
+
+    def __init__(self, results: dict[str, FleetResult]) -> None:
+        self.results = results
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        """Each instance's answer, or ``{"error": {...}}`` for one that failed: who answered what."""
+        answers: dict[str, Any] = {}
+        for instance, result in self.results.items():
+            try:
+                answers[instance] = {"ok": True, "result": result.get(timeout=timeout)}
+            except FleetError as exc:
+                answers[instance] = {"ok": False, "error": error_as_dict(exc)}
+        return answers
+
+
+class FleetTask(Task):  # type: ignore[type-arg]
+    """Base of every fleet task: the producer side builds the envelope; the worker side executes it."""
+
+    abstract = True
+    operation: ClassVar[str] = ""
+    acks_late = True
+    reject_on_worker_lost = True
+    throws = (FleetTaskError,)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> FleetResult:
+        """Results of fleet tasks open envelopes."""
+        return FleetResult(task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs)
+
+    def apply_async(  # type: ignore[override]
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> FleetResult | FleetGroupResult:
+        """Publish one signed envelope (or one per instance for a management call to ``all``)."""
+        if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
+            return self._publish(args[0], producer=producer, options=options)
+        if args:
+            raise FleetError(
+                f"{self.name} takes keyword arguments or one envelope",
+                code="invalid_request",
+                retryable=False,
+            )
+        return self.submit(producer=producer, options=options, **(kwargs or {}))
+
+    def submit(
+        self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> FleetResult | FleetGroupResult:
+        """Build, route, sign and publish; the producer API behind ``delay``."""
+        rt = runtime()
+        fleet = {k: kwargs.pop(k) for k in FLEET_OPTIONS if k in kwargs}
+        operation = self.operation
+        instance = str(kwargs.pop("instance", "any")) if operation in _MANAGEMENT else "any"
+        model, params = _validated_params(operation, kwargs)
+        timeout_s = float(fleet.get("timeout_s") or _timeout_for(rt, operation))
+        priority = PRIORITIES.get(str(fleet.get("fleet_priority", "normal")))
+        if priority is None:
+            raise FleetError("fleet_priority must be critical, high, normal or low", code="invalid_request")
+
+        def build(lane: str, provider_instance: str) -> dict[str, Any]:
+            return rt.codec.build_request(
+                operation=operation,
+                task_name=self.name,
+                lane=lane,
+                params=params,
+                timeout_s=timeout_s,
+                model=model,
+                provider_instance=provider_instance,
+                correlation_id=fleet.get("correlation_id"),
+                idempotency_key=fleet.get("idempotency_key"),
+                caller=fleet.get("caller"),
+                message_context=fleet.get("message_context"),
+                trace_context=fleet.get("trace_context"),
+            )
+
+        publish_options = {**(options or {}), "priority": priority}
+        if operation in _MANAGEMENT:
+            if instance == "all":
+                results: dict[str, FleetResult] = {}
+                for name in live_instances(rt):
+                    lane = pick_management_queue(name, rt)
+                    envelope = build(lane, name)
+                    published = self._publish(envelope, producer=producer, options=dict(publish_options))
+                    assert isinstance(published, FleetResult)
+                    results[name] = published
+                return FleetGroupResult(results)
+            lane = pick_management_queue(instance, rt)
+            envelope = build(lane, instance)
+            return self._publish(envelope, producer=producer, options=publish_options)
+        if model is None:
+            raise FleetError(f"{operation} needs a model", code="invalid_request", retryable=False)
+        choice = pick_lane(operation, model, params, rt)
+        envelope = build(choice["lane"], choice["instance"])
+        return self._publish(envelope, producer=producer, options=publish_options)
+
+    def _publish(self, envelope: dict[str, Any], *, producer: Any, options: dict[str, Any]) -> FleetResult:
+        rt = runtime()
+        lane = envelope["routing_key"]
+        _check_lane_room(rt, lane)
+        timeout_s = float(envelope.get("timeout_seconds") or 0) or None
+        options.setdefault("queue", queue_for(lane, rt))
+        # Flower and task events show these instead of the arguments: ids only, never payload or token.
+        options["argsrepr"] = envelope_summary(envelope)
+        options["kwargsrepr"] = "{}"
+        if not rt.amqp:
+            options["priority"] = _REDIS_LOWEST_PRIORITY - int(options.get("priority", 5))
+        if timeout_s:
+            options.setdefault("expires", timeout_s)
+            if rt.amqp:
+                options.setdefault("expiration", timeout_s)
+        try:
+            result = super().apply_async((envelope,), {}, task_id=envelope["request_id"], producer=producer, **options)
+        except Exception as exc:
+            if _was_nacked(exc):
+                raise FleetError(f"lane {lane} is full; try later", code="fleet_backpressure", retryable=True) from None
+            if isinstance(exc, OperationalError):
+                raise FleetError(
+                    f"could not publish to {lane}: broker unreachable",
+                    code="fleet_publish_failed",
+                    retryable=True,
+                ) from exc
+            raise
+        fleet_result = cast(FleetResult, result)
+        if timeout_s:
+            fleet_result.deadline = time.time() + timeout_s
+        return fleet_result
+
+
+def _was_nacked(exc: BaseException) -> bool:
+    """Whether RabbitMQ refused the message (a full lane with reject-publish), however kombu wrapped it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "MessageNacked":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def envelope_summary(envelope: dict[str, Any]) -> str:
+    """What monitoring may show of an envelope: operation, ids, lane, model; never params or token."""
+    return (
+        f"(<envelope op={envelope.get('operation')} request_id={envelope.get('request_id')} "
+        f"lane={envelope.get('routing_key')} model={envelope.get('model')}>,)"
+    )
+
+
+_room_lock = threading.Lock()
+_lane_room: dict[str, tuple[float, int]] = {}
+_ROOM_RECHECK_S = 0.1
+
+
+def _check_lane_room(rt: FleetRuntime, lane: str) -> None:
+    """On Redis, refuse to publish into a lane already holding ``max_length`` messages (RabbitMQ does it itself).
+
+    A lane whose depth, as last read plus what this process has published to it since, is under half the limit
+    is not asked again for ``_ROOM_RECHECK_S``: one producer never overshoots the bound, and the depth query (a
+    round trip) leaves the hot path. Concurrent producers may still overshoot it by a few (the bound is soft).
+    """
+    if rt.amqp:
+        return
+    limit = rt.settings.lanes.max_length
+    now = time.monotonic()
+    with _room_lock:
+        seen = _lane_room.get(lane)
+        if seen is not None and now - seen[0] < _ROOM_RECHECK_S and seen[1] + 1 < limit // 2:
+            _lane_room[lane] = (seen[0], seen[1] + 1)  # count this publish against the estimate
+            return
+    depth = rt.lane_depth(lane)
+    with _room_lock:
+        _lane_room[lane] = (now, depth + 1)
+    if depth >= rt.settings.lanes.max_length:
+        raise FleetError(
+            f"lane {lane} holds {depth} waiting requests (limit {rt.settings.lanes.max_length}); try later",
+            code="fleet_backpressure",
+            retryable=True,
+        )

@@ -1,0 +1,146 @@
+"""The process-wide fleet state: settings, Redis, the envelope codec, the ledger and the registry.
+
+Built lazily on first use and rebuilt by ``configure`` (tests and the CLI switch settings this way).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from redis import Redis
+
+from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
+from provider.redis_keys import RedisKeys
+from provider.registry import OfferingRegistry
+from provider.settings import Settings, get_settings
+from tasks.queues import broker_is_amqp
+from tasks.streams import EntrySealer
+
+__all__ = ["FleetRuntime", "configure", "runtime"]
+
+_KOMBU_PRIORITY_SEP = "\x06\x16"
+_KOMBU_PRIORITY_STEPS = (3, 6, 9)
+
+
+def _priority_lists(lane: str) -> list[str]:
+    """kombu's Redis lists for one queue: the plain name for priority 0, a suffixed one per other step."""
+    return [lane, *(f"{lane}{_KOMBU_PRIORITY_SEP}{step}" for step in _KOMBU_PRIORITY_STEPS)]
+
+
+@dataclass
+class FleetRuntime:
+    """Everything a producer or worker needs, built once per process."""
+
+    settings: Settings
+    holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @cached_property
+    def redis(self) -> Redis:
+        """Shared state: registry, streams, ledger (not the broker).
+
+        A worker runs one thread per concurrency slot and each may hold a connection at once: redis-py's default
+        pool of 100 raised ``MaxConnectionsError`` under a worker with ``-c 256``, so the pool grows with them.
+        """
+        slots = sum(instance.concurrency for instance in self.settings.usable_instances())
+        pool_size = max(100, 2 * slots + 32)
+        return Redis.from_url(self.settings.redis_url, health_check_interval=30, max_connections=pool_size)
+
+    @cached_property
+    def keys(self) -> RedisKeys:
+        """Every key under the configured prefix."""
+        return RedisKeys(self.settings.key_prefix)
+
+    @cached_property
+    def codec(self) -> EnvelopeCodec:
+        """Builds, signs, seals and verifies envelopes."""
+        return EnvelopeCodec(self.settings.security)
+
+    @cached_property
+    def ledger(self) -> JtiLedger:
+        """Replay leases and stored results by jti."""
+        return JtiLedger(self.redis, self.keys.ledger_prefix, lease_s=self.settings.lease_s)
+
+    @cached_property
+    def idempotency(self) -> IdempotencyStore:
+        """Idempotency keys scoped to caller and operation."""
+        return IdempotencyStore(self.redis, self.keys.ledger_prefix)
+
+    @cached_property
+    def registry(self) -> OfferingRegistry:
+        """Live offerings and instances."""
+        return OfferingRegistry(self.redis, self.keys, ttl_s=self.settings.registry_ttl_s)
+
+    @cached_property
+    def broker_redis(self) -> Redis:
+        """The broker itself, when it is Redis (lane depth checks)."""
+        return Redis.from_url(self.settings.broker_url)
+
+    def lane_depth(self, lane: str) -> int:
+        """Messages waiting in a Redis lane, over kombu's per-priority lists."""
+        pipe = self.broker_redis.pipeline(transaction=False)
+        for key in _priority_lists(lane):
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
+
+    def count_hand_back(self, request_id: str, *, ttl_s: float) -> int:
+        """Count one more hand-back of a request; returns the count so far."""
+        key = self.keys.hand_backs(request_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        return int(pipe.execute()[0])
+
+    def stream_sealer(self, request_id: str) -> EntrySealer:
+        """Seals a request's stream entries when encryption is on."""
+        return EntrySealer(self.codec.keyring if self.settings.security.encrypt else None, request_id)
+
+    @property
+    def amqp(self) -> bool:
+        """Whether the broker is RabbitMQ."""
+        return broker_is_amqp(self.settings.broker_url)
+
+
+_lock = threading.Lock()
+_current: FleetRuntime | None = None
+
+
+def runtime() -> FleetRuntime:
+    """The current runtime, built from the process settings on first use."""
+    global _current
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = FleetRuntime(get_settings())
+    return _current
+
+
+def configure(settings: Settings) -> FleetRuntime:
+    """Replace the runtime (and the Celery app's configuration) with one built from ``settings``."""
+    global _current
+    from celeryconfig import build_config
+    from tasks.app import app, apply_queue_declarations
+
+    with _lock:
+        _current = FleetRuntime(settings)
+    app.conf.update(build_config(settings))
+    apply_queue_declarations(settings)
+    _forget_connections(app)
+    return _current
+
+
+def _forget_connections(app: Any) -> None:
+    """Make the app connect anew (broker and result backend) with the current configuration."""
+    app._pool = None
+    app.amqp._producer_pool = None
+    # The task-sent event dispatcher fixes its exchange type at the first broker (fanout on Redis, topic on
+    # RabbitMQ), and send_task_message keeps that dispatcher and the queues in its closure: rebuild both.
+    for cached in ("queues", "router", "_rtable", "_event_dispatcher", "send_task_message"):
+        app.amqp.__dict__.pop(cached, None)
+    app._backend_cache = None
+    app.__dict__.pop("control", None)  # its mailbox keeps a producer pool of the old broker
+    app._local = threading.local()

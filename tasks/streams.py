@@ -1,0 +1,329 @@
+"""The streaming bridge: a worker relays chunks into a Redis Stream keyed by the task id; producers read it.
+
+Each entry has a kind ``k`` and JSON data ``d``:
+
+| k | meaning |
+|---|---|
+| ``c`` | a chunk (``provider.models.StreamChunk`` without its null fields) |
+| ``r`` | reset: the worker restarted generation after a retryable failure; chunks before it are superseded |
+| ``d`` | done: the assembled message follows in the task result; the stream ends |
+| ``e`` | error: an error envelope; the stream ends |
+| ``x`` | cancelled by the producer or a revoke; the stream ends |
+
+When encryption is on, every entry's data is sealed (AES-256-GCM, bound to the request id), like results.
+The stream is capped far above any response's chunk count and expires ``stream_retention_s`` after its end, so a
+reader may start late or resume from any entry id within that time and miss nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from provider.models import StreamChunk
+from provider.protocol import PURPOSE_STREAM, FleetError, KeyRing, open_sealed, seal
+from tasks.errors import fleet_error_from_envelope
+
+__all__ = [
+    "KIND_CANCELLED",
+    "KIND_CHUNK",
+    "KIND_DONE",
+    "KIND_ERROR",
+    "KIND_RESET",
+    "EntrySealer",
+    "FleetStream",
+    "StreamReset",
+    "StreamWriter",
+    "decode_entry",
+    "read_stream",
+]
+
+KIND_CHUNK = b"c"
+KIND_RESET = b"r"
+KIND_DONE = b"d"
+KIND_ERROR = b"e"
+KIND_CANCELLED = b"x"
+_TERMINAL = {KIND_DONE, KIND_ERROR, KIND_CANCELLED}
+READ_BLOCK_MS = 1000
+RELAY_BATCH = 512
+FLUSH_TIMEOUT_S = 10.0
+READ_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """Marker: generation restarted after a retryable failure; discard what was read before it."""
+
+    attempt: int
+    entry_id: str = ""
+
+
+class EntrySealer:
+    """Seals and opens stream entry data for one request (a no-op when encryption is off)."""
+
+    def __init__(self, keyring: KeyRing | None, request_id: str) -> None:
+        self._keyring = keyring
+        self._request_id = request_id
+
+    def seal(self, data: bytes) -> bytes:
+        """The stored form of an entry's data."""
+        if self._keyring is None:
+            return data
+        box = seal(self._keyring, data, purpose=PURPOSE_STREAM, request_id=self._request_id, lane="")
+        return json.dumps(box, separators=(",", ":")).encode()
+
+    def open(self, stored: bytes) -> bytes:
+        """An entry's data from its stored form."""
+        if self._keyring is None:
+            return stored
+        box = json.loads(stored)
+        return open_sealed(self._keyring, box, purpose=PURPOSE_STREAM, request_id=self._request_id, lane="")
+
+
+class _StreamState:
+    """What the relay thread reports back to one writer."""
+
+    __slots__ = ("cancelled", "error", "flushed", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.cancelled = False
+        self.error: Exception | None = None
+        self.flushed = threading.Condition()
+
+
+class ChunkRelay:
+    """One thread per worker that appends every stream's chunks to Redis, many per round trip.
+
+    A chunk that finds the relay idle goes out at once (no added latency); chunks that arrive while a round trip
+    is in flight go out together in the next one (group commit), so a busy worker relays far more chunks per
+    second than one round trip per chunk allows. Each batch also reads the cancel flags of its streams.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._queue: queue.SimpleQueue[tuple[str, bytes, int, str, _StreamState]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="stream-relay", daemon=True).start()
+
+    def submit(self, key: str, data: bytes, max_len: int, cancel_key: str, state: _StreamState) -> None:
+        """Queue one chunk of a stream."""
+        with state.flushed:
+            state.pending += 1
+        self._queue.put((key, data, max_len, cancel_key, state))
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < RELAY_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[str, bytes, int, str, _StreamState]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, data, max_len, _, _ in batch:
+            pipe.xadd(key, {"k": KIND_CHUNK, "d": data}, maxlen=max_len, approximate=True)
+        streams: dict[str, _StreamState] = {cancel_key: state for _, _, _, cancel_key, state in batch}
+        for cancel_key in streams:
+            pipe.exists(cancel_key)
+        error: Exception | None = None
+        try:
+            replies = pipe.execute()
+        except Exception as exc:  # reported to the writers, whose tasks fail with it; the relay lives on
+            error, replies = exc, []
+        flags = replies[len(batch) :]
+        for state, flag in zip(streams.values(), flags or [0] * len(streams), strict=True):
+            state.cancelled = state.cancelled or bool(flag)
+        for *_, state in batch:
+            with state.flushed:
+                state.error = state.error or error
+                state.pending -= 1
+                if state.pending == 0:
+                    state.flushed.notify_all()
+
+
+_relays: dict[int, ChunkRelay] = {}
+_relays_lock = threading.Lock()
+
+
+def relay_for(client: redis.Redis) -> ChunkRelay:
+    """The relay of this Redis client (one per worker process)."""
+    with _relays_lock:
+        relay = _relays.get(id(client))
+        if relay is None:
+            relay = _relays[id(client)] = ChunkRelay(client)
+        return relay
+
+
+class StreamWriter:
+    """Appends one task's chunks (through the worker's relay) and its terminal entry to its Redis Stream."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        *,
+        max_len: int,
+        retention_s: float,
+        cancel_key: str,
+        sealer: EntrySealer,
+    ) -> None:
+        self._redis = client
+        self._relay = relay_for(client)
+        self._state = _StreamState()
+        self._sealer = sealer
+        self._key = key
+        self._cancel_key = cancel_key
+        self._max_len = max_len
+        self._retention_ms = int(retention_s * 1000)
+
+    def chunk(self, chunk: StreamChunk) -> bool:
+        """Relay one chunk as it arrives; returns whether the producer has asked to cancel (seen by the relay)."""
+        if self._state.error is not None:
+            raise self._state.error
+        data = self._sealer.seal(chunk.model_dump_json(exclude_none=True, exclude_defaults=True).encode())
+        self._relay.submit(self._key, data, self._max_len, self._cancel_key, self._state)
+        return self._state.cancelled
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait until every chunk handed to the relay is in Redis (entries after it keep their order)."""
+        with self._state.flushed:
+            self._state.flushed.wait_for(lambda: self._state.pending == 0, timeout=timeout_s)
+
+    def reset(self, attempt: int) -> None:
+        """Mark a restart of generation (retry after a dropped stream)."""
+        self._append(KIND_RESET, {"attempt": attempt}, terminal=False)
+
+    def done(self, summary: dict[str, Any]) -> None:
+        """End the stream successfully."""
+        self._append(KIND_DONE, summary, terminal=True)
+
+    def error(self, error_envelope: dict[str, Any]) -> None:
+        """End the stream with a typed error."""
+        self._append(KIND_ERROR, error_envelope, terminal=True)
+
+    def cancelled(self, reason: str) -> None:
+        """End the stream because the producer gave up."""
+        self._append(KIND_CANCELLED, {"reason": reason}, terminal=True)
+
+    def _append(self, kind: bytes, data: dict[str, Any], *, terminal: bool) -> None:
+        self.flush()
+        pipe = self._redis.pipeline(transaction=False)
+        stored = self._sealer.seal(json.dumps(data).encode())
+        pipe.xadd(self._key, {"k": kind, "d": stored}, maxlen=self._max_len, approximate=True)
+        if terminal:
+            pipe.pexpire(self._key, self._retention_ms)
+        pipe.execute()
+
+
+def read_stream(
+    client: redis.Redis,
+    key: str,
+    *,
+    deadline: float,
+    sealer: EntrySealer,
+    start_id: str = "0-0",
+    on_entry: Any = None,
+) -> Iterator[StreamChunk | StreamReset]:
+    """Yield chunks (and reset markers) from ``start_id`` until the terminal entry or the deadline.
+
+    Raises ``FleetError`` for an error entry, a cancelled stream, or a deadline reached with no end.
+    ``on_entry`` (if given) is called with each entry id, so a caller can remember where to resume.
+    """
+    last_id = start_id
+    while True:
+        remaining_ms = int((deadline - time.time()) * 1000)
+        if remaining_ms <= 0:
+            raise FleetError("the stream did not finish before its deadline", code="fleet_timeout", retryable=False)
+        reply: Any = client.xread({key: last_id}, count=READ_BATCH, block=min(READ_BLOCK_MS, remaining_ms))
+        if not reply:
+            continue
+        for entry_id_raw, fields in reply[0][1]:
+            entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else str(entry_id_raw)
+            last_id = entry_id
+            if on_entry is not None:
+                on_entry(entry_id)
+            item = decode_entry(fields, entry_id, sealer)
+            if item is None:
+                return
+            yield item
+
+
+def decode_entry(fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer) -> StreamChunk | StreamReset | None:
+    """One stream entry as what a reader yields; None at the successful end; ``FleetError`` for a failed one."""
+    kind = fields[b"k"]
+    data = sealer.open(fields[b"d"])
+    if kind == KIND_CHUNK:
+        return StreamChunk.model_validate_json(data)
+    if kind == KIND_RESET:
+        return StreamReset(attempt=int(json.loads(data)["attempt"]), entry_id=entry_id)
+    if kind == KIND_DONE:
+        return None
+    if kind == KIND_ERROR:
+        raise fleet_error_from_envelope(json.loads(data))
+    if kind == KIND_CANCELLED:
+        raise FleetError(json.loads(data).get("reason", "cancelled"), code="cancelled")
+    raise FleetError("the stream holds an entry of an unknown kind", code="malformed")
+
+
+class FleetStream:
+    """A producer's view of one streamed chat: iterate chunks while the task runs, resume, or cancel.
+
+    Iteration yields ``StreamChunk`` objects and, if the worker had to restart generation, a ``StreamReset``
+    marker (discard what came before it). ``last_id`` is the entry to resume from with ``start_id``.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        *,
+        client: redis.Redis,
+        key: str,
+        cancel_key: str,
+        deadline: float,
+        sealer: EntrySealer,
+        start_id: str = "0-0",
+    ) -> None:
+        self.task_id = task_id
+        self._sealer = sealer
+        self.last_id = start_id
+        self._redis = client
+        self._key = key
+        self._cancel_key = cancel_key
+        self._deadline = deadline
+
+    def __iter__(self) -> Iterator[StreamChunk | StreamReset]:
+        return read_stream(
+            self._redis,
+            self._key,
+            deadline=self._deadline,
+            sealer=self._sealer,
+            start_id=self.last_id,
+            on_entry=self._remember,
+        )
+
+    def _remember(self, entry_id: str) -> None:
+        self.last_id = entry_id
+
+    def text(self) -> str:
+        """Read to the end and return the visible content (a reset discards what came before it)."""
+        parts: list[str] = []
+        for item in self:
+            if isinstance(item, StreamReset):
+                parts.clear()
+            elif item.content:
+                parts.append(item.content)
+        return "".join(parts)
+
+    def cancel(self, ttl_s: float = 3600.0) -> None:
+        """Ask the worker to stop generating: it closes the HTTP stream within one chunk."""
+        self._redis.set(self._cancel_key, b"1", px=int(ttl_s * 1000))

@@ -1,0 +1,205 @@
+"""The benchmark's pure helpers: percentile math, answer checks, sanity accounting, targets and table rendering.
+
+No server and no timing: these only make sure a benchmark run computes and reports what it measured correctly.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.__main__ import saturation_notes
+from bench.load import check_answer
+from bench.profile import collapse, count_commands
+from bench.report import evaluate_targets, fmt, render_markdown
+from bench.scenarios import Sanity
+from bench.stats import cores_used, gaps_ms, paired_differences, percentile, rate, summarize
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 100) == 5.0
+    assert percentile(values, 90) == pytest.approx(4.6)
+    assert percentile([10.0, 0.0], 25) == pytest.approx(2.5)  # sorts first
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_carries_its_unit_and_count() -> None:
+    summary = summarize([float(i) for i in range(1, 101)], unit="ms")
+    assert summary["count"] == 100
+    assert summary["unit"] == "ms"
+    assert summary["p50"] == pytest.approx(50.5)
+    assert summary["p99"] == pytest.approx(99.01)
+    assert summary["min"] == 1.0
+    assert summary["max"] == 100.0
+    assert summarize([]) == {"count": 0, "unit": "ms"}
+
+
+def test_paired_differences_rates_and_gaps() -> None:
+    assert paired_differences([1.0, 2.0], [4.0, 3.0]) == [3.0, 1.0]
+    with pytest.raises(ValueError):
+        paired_differences([1.0], [1.0, 2.0])
+    assert rate(50, 2.0) == 25.0
+    assert rate(5, 0.0) == 0.0
+    assert cores_used(3.0, 2.0) == 1.5
+    assert gaps_ms([1.0, 1.5, 1.75]) == [500.0, 250.0]
+
+
+def test_check_answer_names_what_is_wrong() -> None:
+    assert check_answer("lorem ipsum", 16, "stop", "lorem ipsum", 16) is None
+    assert "content" in (check_answer("other", 16, "stop", "lorem ipsum", 16) or "")
+    assert "completion_tokens" in (check_answer("lorem ipsum", 3, "stop", "lorem ipsum", 16) or "")
+    assert "finish_reason" in (check_answer("lorem ipsum", 16, "length", "lorem ipsum", 16) or "")
+
+
+def test_sanity_fails_on_any_failed_or_wrong_request() -> None:
+    sanity = Sanity()
+    assert not sanity.passed  # nothing measured is not a pass
+    sanity.ok(10)
+    assert sanity.passed
+    assert not sanity.check("here", "wrong", 16, "stop", "right")
+    assert not sanity.passed
+    assert sanity.wrong == 1
+    sanity = Sanity()
+    sanity.ok(3)
+    sanity.fail("there", "timeout")
+    assert not sanity.passed
+    assert sanity.failed == 1
+    assert sanity.requests == 4
+    assert sanity.as_dict()["problems"] == ["there: timeout"]
+
+
+def _results(added_p50: float, ratios: dict[str, float]) -> dict[str, object]:
+    levels = {
+        n: {
+            "direct": {"requests_per_s": {"value": 100.0, "unit": "req/s"}, "cpu_cores": {"machine": 0.5}},
+            "fleet": {"requests_per_s": {"value": 100.0 * r, "unit": "req/s"}, "cpu_cores": {"machine": 1.0}},
+            "ratio": {"value": r, "unit": "fleet/direct"},
+        }
+        for n, r in ratios.items()
+    }
+    return {
+        "overhead": {
+            "redis": {
+                "pairs": 10,
+                "added_ms": {"count": 10, "p50": added_p50, "p90": 4.0, "p99": 5.0, "unit": "ms"},
+            }
+        },
+        "throughput": {"redis": {"window_s": 3.0, "levels": levels}},
+        "codec": {
+            "eddsa_verify_ratio": {"value": 0.85, "unit": "ratio"},
+            "hs256_sign_seal_per_s": {"value": 20000.0, "unit": "ops/s"},
+        },
+    }
+
+
+def test_targets_compare_in_the_right_direction() -> None:
+    rows = {row["name"]: row for row in evaluate_targets(_results(2.0, {"1": 0.95, "64": 0.7}))}
+    assert rows["overhead_p50"]["met"] is True
+    assert rows["overhead_p99"]["met"] is True
+    assert rows["throughput_ratio"]["met"] is False
+    assert rows["throughput_ratio"]["value"] == 0.7
+    assert "N=64" in rows["throughput_ratio"]["note"]
+    assert rows["eddsa_ratio"]["met"] is True
+    assert rows["hs256_sign"]["met"] is True
+    assert rows["hs256_verify"]["met"] is None  # not measured is neither met nor missed
+    assert rows["relay_chunks"]["met"] is None
+    rows = {row["name"]: row for row in evaluate_targets(_results(3.5, {"1": 0.95}))}
+    assert rows["overhead_p50"]["met"] is False
+
+
+def test_markdown_is_rendered_from_the_json_alone() -> None:
+    results = _results(2.0, {"8": 0.93})
+    report = {
+        "mode": "quick",
+        "finished_at": "2025-01-01T00:00:00+00:00",
+        "duration_s": 12.0,
+        "machine": {"cpu_model": "Test CPU", "cores": 2, "python": "3.11.7", "packages": {"celery": "5.7.0"}},
+        "results": results,
+        "targets": evaluate_targets(results),
+        "sanity": {"requests": 20, "failed": 0, "wrong": 0},
+        "notes": ["a note"],
+    }
+    text = render_markdown(report)
+    assert text.startswith("# Benchmarks")
+    assert "Test CPU (2 cores)" in text
+    assert "celery 5.7.0" in text
+    assert "| redis | 8 |" in text
+    assert "0.93" in text
+    targets = text.split("## Targets")[1].split("## 1.")[0]
+    assert "| fleet/direct throughput at every N (Redis) | >= 0.9 ratio | 0.93 ratio (lowest at N=8) | met |" in targets
+    assert "- a note" in text
+    assert "python -m bench --mode quick" in text
+
+
+def test_fmt_is_readable() -> None:
+    assert fmt(None) == "—"
+    assert fmt(12345.6) == "12,346"
+    assert fmt(123.45) == "123.5"
+    assert fmt(1.234) == "1.23"
+    assert fmt(7) == "7"
+    assert fmt(True) == "yes"
+
+
+def test_collapse_counts_inclusive_shares_without_common_frames() -> None:
+    raw = "\n".join(
+        [
+            "Thread._bootstrap (threading.py:1);execute (tasks/execution.py:10);verify (codec.py:5) 30",
+            "Thread._bootstrap (threading.py:1);execute (tasks/execution.py:12);send (redis/connection.py:9) 60",
+            "Thread._bootstrap (threading.py:1);idle (kombu/utils/eventio.py:3) 10",
+        ]
+    )
+    profile = collapse(raw, top=5)
+    assert profile["samples"] == 100
+    top = {row["frame"]: row["percent"] for row in profile["top"]}
+    assert top["execute (tasks/execution.py)"] == pytest.approx(90.0)
+    assert top["send (redis/connection.py)"] == pytest.approx(60.0)
+    assert not any("threading.py" in frame for frame in top)
+    assert profile["self"][0]["frame"] == "send (redis/connection.py)"
+    assert collapse("") == {"samples": 0, "top": [], "self": []}
+
+
+def test_count_commands_attributes_monitor_lines_to_processes() -> None:
+    monitor = "\n".join(
+        [
+            '1.0 [13 127.0.0.1:5000] "LPUSH" "lane" "x"',
+            '1.1 [13 127.0.0.1:6000] "BRPOP" "lane" "1"',
+            '1.2 [15 127.0.0.1:6000] "EVALSHA" "abc" "1" "key"',
+            '1.3 [15 lua] "HSET" "key" "a" "b"',
+            '1.4 [0 127.0.0.1:7000] "GET" "someone-else"',
+            '2.0 [13 127.0.0.1:5000] "LPUSH" "lane" "y"',
+        ]
+    )
+    counted = count_commands(monitor, {5000: "producer", 6000: "worker"}, {"13", "15"}, requests=2)
+    assert counted["by_process"]["producer"] == {"db13 LPUSH": 1.0}
+    assert counted["by_process"]["worker"] == {"db13 BRPOP": 0.5, "db15 EVALSHA": 0.5}
+    assert counted["total_per_request"] == {"producer": 1.0, "worker": 1.0}
+    assert counted["unit"] == "commands per request"
+
+
+def test_saturation_notes_name_the_limit_and_the_highest_free_n() -> None:
+    def level(machine: float, worker: float, ratio: float) -> dict[str, object]:
+        return {
+            "direct": {"cpu_cores": {"machine": 0.5, "other": 0.0}},
+            "fleet": {
+                "cpu_cores": {"machine": machine, "worker": worker, "other": 0.0},
+                "load_process_max_cores": {"value": 0.1, "unit": "cores"},
+            },
+            "ratio": {"value": ratio, "unit": "fleet/direct"},
+        }
+
+    results = {"throughput": {"redis": {"levels": {"8": level(0.6, 0.2, 0.95), "64": level(1.95, 0.9, 0.5)}}}}
+    notes, summary = saturation_notes(results, cores=2)
+    assert summary["redis"]["highest_unsaturated_n"] == 8
+    assert summary["redis"]["ratio"]["value"] == 0.95
+    assert any("N=64: the machine is the limit" in note for note in notes)
+    assert any("N=64: the worker process is the limit" in note for note in notes)
+    assert not any("N=8: the" in note for note in notes)

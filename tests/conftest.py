@@ -1,0 +1,87 @@
+"""Session fixtures: real Redis and RabbitMQ, the vLLM simulator over HTTP, and an in-process Celery worker.
+
+A server a test needs and cannot reach skips the test on a laptop and fails it in CI (``CI=true``).
+Every session uses its own Redis databases and key prefix, and its own RabbitMQ vhost, and cleans them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest_plugins = ("celery.contrib.pytest",)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
+# Each session gets its own vhost; the Redis databases can be moved (VFT_REDIS_DBS="4,5,6") so that two
+# sessions on one host do not flush each other's data.
+TEST_VHOST = f"vllm-fleet-test-{os.getpid()}"
+BROKER_DB, BACKEND_DB, STATE_DB = (int(n) for n in os.environ.get("VFT_REDIS_DBS", "10,11,12").split(","))
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_server(name: str, host: str, port: int) -> None:
+    """Skip locally, fail in CI, when a server the test needs does not answer."""
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing server fails the run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Base URL of the test Redis (databases are chosen per use)."""
+    require_server("Redis", REDIS_HOST, REDIS_PORT)
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost for this session, deleted afterwards."""
+    require_server("RabbitMQ", RABBIT_HOST, RABBIT_PORT)
+    _rabbitmqctl("delete_vhost", TEST_VHOST, check=False)
+    _rabbitmqctl("add_vhost", TEST_VHOST)
+    _rabbitmqctl("set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{TEST_VHOST}"
+    _rabbitmqctl("delete_vhost", TEST_VHOST, check=False)
+
+
+def _rabbitmqctl(*args: str, check: bool = True) -> None:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session")
+def session_prefix() -> str:
+    """A key prefix no other session shares."""
+    return f"vft-{uuid.uuid4().hex[:8]}"
+
+
+def flush_test_databases(redis_url: str) -> None:
+    """Empty the Redis databases tests own (never the default ones)."""
+    import redis
+
+    for db in (BROKER_DB, BACKEND_DB, STATE_DB):
+        redis.Redis.from_url(f"{redis_url}/{db}").flushdb()
+
+
+def pytest_configure(config: Any) -> None:
+    """Document the markers (also declared in pyproject)."""
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
