@@ -236,7 +236,7 @@ class Settings(BaseSettings):
     result_expires_s: float = 86400.0
     log_payloads: bool = False
     log_format: Literal["text", "json"] = "text"
-    send_task_events: bool = True
+    send_task_events: bool = False
     send_sent_events: bool = False
     metrics_port: int | None = None
     lease_s: float = Field(default=15.0, gt=0)

@@ -147,17 +147,29 @@ def watched(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
             _wait(sees_worker, "flower seeing the worker online")
             _wait(lambda: _registered(settings), "the worker registering its offering")
+
+            def produce(prompt: str) -> dict[str, Any]:
+                produced = subprocess.run(
+                    [sys.executable, "-c", PRODUCER, MODEL, prompt],
+                    env=fleet_env,
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert produced.returncode == 0, produced.stderr[-3000:] + (tmp / "flower.log").read_text()[-2000:]
+                answer: dict[str, Any] = json.loads(produced.stdout.strip().splitlines()[-1])
+                return answer
+
+            # The worker starts with task events off (the default); Flower switches them on in running workers
+            # (its enable_events timer, every few seconds): tasks are visible to it from then on.
+            def flower_sees_tasks() -> bool:
+                warm_up = produce("warm-up")
+                return warm_up["id"] in httpx.get(base + "/api/tasks", auth=AUTH, timeout=5).json()
+
+            _wait(flower_sees_tasks, "flower switching task events on and seeing a task", timeout_s=40)
             prompt = f"flower must not show this prompt {uuid.uuid4().hex}"
-            produced = subprocess.run(
-                [sys.executable, "-c", PRODUCER, MODEL, prompt],
-                env=fleet_env,
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert produced.returncode == 0, produced.stderr[-3000:] + (tmp / "flower.log").read_text()[-2000:]
-            answer = json.loads(produced.stdout.strip().splitlines()[-1])
+            answer = produce(prompt)
             assert answer["content"] == prompt  # the simulator echoes: the answer is as secret as the prompt
             yield Watched(base, node, answer["id"], prompt, answer["token"], _secret_strings(settings))
         finally:

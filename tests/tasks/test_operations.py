@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import httpx
 
@@ -26,15 +27,22 @@ def test_worker_metrics_are_scraped_and_logs_carry_ids_without_payload(fleet: Fl
     worker = WorkerProcess(settings, "metrics-worker", loglevel="INFO")
     try:
         wait_for(lambda: _scrape(port) is not None, what="the worker's metrics endpoint")
-        # The in-process worker serves the same lanes; send enough requests that both take some.
-        results = [
-            chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=8)
-            for _ in range(16)
-        ]
-        for result in results:
-            assert result.get()["content"] == SECRET_PROMPT
+        # The in-process worker serves the same lanes, and the endpoint is up before the worker consumes: send
+        # rounds of chats until the worker process has served (and counted) some of them.
+        results: list[Any] = []
+
+        def worker_counted_a_chat() -> bool:
+            round_ = [
+                chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=8)
+                for _ in range(8)
+            ]
+            for result in round_:
+                assert result.get()["content"] == SECRET_PROMPT
+            results.extend(round_)
+            return 'operation="chat"' in (_scrape(port) or "")
+
+        wait_for(worker_counted_a_chat, timeout_s=30, what="a chat counted by the worker process")
         version.delay(instance="sim-a").get()
-        wait_for(lambda: "vllm_fleet_requests_total{" in (_scrape(port) or ""), what="a counted request")
         text = _scrape(port) or ""
     finally:
         worker.stop()
