@@ -6,6 +6,7 @@ from celery import Celery
 
 import celeryconfig
 from provider.settings import Settings, get_settings
+from tasks import result_backend
 from tasks.queues import control_queues
 
 __all__ = ["app"]
@@ -13,6 +14,7 @@ __all__ = ["app"]
 app = Celery("vllm_fleet")
 app.config_from_object(celeryconfig)
 app.conf.include = ["tasks.fleet"]
+result_backend.install(app.loader)  # one round trip per stored result (see tasks.result_backend)
 
 
 def apply_queue_declarations(settings: Settings) -> None:
