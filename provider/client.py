@@ -55,6 +55,7 @@ from provider.models import (
     parse_model_list,
     parse_tokenize_result,
 )
+from provider.pools import ConnectionPools
 from provider.settings import (
     LOCALHOST_PROBE_TIMEOUT_S,
     MODEL_DETAIL_CACHE_TTL_S,
@@ -429,14 +430,14 @@ class VllmClient:
             {**self._headers, "Accept": "text/event-stream", "Cache-Control": "no-store"}
         )
         self._boundary = _ErrorBoundary(self.name, api_key)
-        self._owns_http = http is None
-        self._http = http or httpx.Client(
-            limits=httpx.Limits(
-                max_connections=instance.concurrency + MANAGEMENT_CONNECTIONS,
-                max_keepalive_connections=instance.concurrency + MANAGEMENT_CONNECTIONS,
-                keepalive_expiry=KEEPALIVE_EXPIRY_S,
-            ),
-            timeout=httpx.Timeout(self._timeouts.management_s, connect=self._timeouts.connect_s),
+        self._pools = (
+            ConnectionPools.wrapping(http)
+            if http is not None
+            else ConnectionPools(
+                instance.concurrency + MANAGEMENT_CONNECTIONS,
+                KEEPALIVE_EXPIRY_S,
+                httpx.Timeout(self._timeouts.management_s, connect=self._timeouts.connect_s),
+            )
         )
         self._watchdog = _DeadlineWatchdog(self.name)
         self._model_cache: dict[str, tuple[float, ModelInfo]] = {}
@@ -469,8 +470,7 @@ class VllmClient:
     def close(self) -> None:
         """Stop the deadline watchdog and close the connection pool (when the client created it)."""
         self._watchdog.stop()
-        if self._owns_http:
-            self._http.close()
+        self._pools.close()
 
     # -- the one path every request takes ---------------------------------------------------------------
 
@@ -491,7 +491,8 @@ class VllmClient:
             raise ProviderConfigurationError(f"instance {self.name!r} has no base_url", instance=self.name)
         started = time.perf_counter()
         with self._boundary.guard(route):
-            request = self._http.build_request(
+            http = self._pools.pick()
+            request = http.build_request(
                 method,
                 self._base_url + path,
                 json=json_body,
@@ -499,7 +500,7 @@ class VllmClient:
                 headers=self._stream_headers if stream else self._headers,
                 timeout=deadline.http_timeout(self._timeouts.connect_s, route, self.name),
             )
-            response = self._http.send(request, stream=stream)
+            response = http.send(request, stream=stream)
             if check_status and response.status_code >= 400 and stream:
                 try:
                     response.read()

@@ -746,10 +746,19 @@ class TestConstruction:
         assert 8.9 < fake_vllm.requests[-1].extensions["timeout"]["read"] <= 9
 
     def test_pool_is_sized_from_concurrency(self) -> None:
-        with VllmClient(InstanceSettings(name="gpu1", base_url="http://h:8000", concurrency=64)) as client:
-            pool = client._http._transport._pool  # type: ignore[attr-defined]
-            assert pool._max_connections == 68
-            assert pool._max_keepalive_connections == 68
+        with VllmClient(InstanceSettings(name="gpu1", base_url="http://h:8000", concurrency=16)) as client:
+            pool = client._pools.clients[0]._transport._pool  # type: ignore[attr-defined]
+            assert pool._max_connections == 20
+            assert pool._max_keepalive_connections == 20
+
+    def test_many_connections_are_split_into_pools_that_add_up(self) -> None:
+        with VllmClient(InstanceSettings(name="gpu1", base_url="http://h:8000", concurrency=256)) as client:
+            pools = client._pools
+            assert len(pools.clients) == 9
+            assert pools.connection_limits == [29] * 9  # 261 >= 256 + 4, none over SHARD_CONNECTIONS
+            for http in pools.clients:
+                pool = http._transport._inner._pool  # type: ignore[attr-defined]
+                assert pool._max_connections == 29
 
     def test_an_injected_http_client_is_not_closed(self, fake_vllm: FakeVllm) -> None:
         http = httpx.Client(transport=httpx.MockTransport(fake_vllm.handle))

@@ -59,7 +59,8 @@ def test_a_stored_result_is_read_back_and_published(backend: FleetRedisBackend, 
     while message is None and time.monotonic() < deadline:
         message = pubsub.get_message(timeout=0.5)
     pubsub.close()
-    assert message is not None and json.loads(message["data"])["result"] == {"content": "hi"}
+    assert message is not None
+    assert json.loads(message["data"])["result"] == {"content": "hi"}
     meta = backend.get_task_meta(task_id)
     assert (meta["status"], meta["result"]) == (states.SUCCESS, {"content": "hi"})
     assert 0 < raw.ttl(key) <= 120
