@@ -9,6 +9,7 @@ Texts and numbers differ by design; shapes must not.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,9 @@ def test_sleep_abort_ends_stream_like_vllm(servers: dict[str, SimulatorServer]) 
     finally:
         httpx.post(f"{server.url}/wake_up", timeout=CLIENT_TIMEOUT_S)
         server.reset()
+    deadline = time.monotonic() + 5  # a stream's request ends just after its last frame
+    while server.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert server.stats()["in_flight"] == 0
 
 
