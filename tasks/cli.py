@@ -115,7 +115,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         "threads",
         "-c",
         str(args.concurrency or worker_concurrency()),
-        "-E",
         "--without-mingle",
         "-l",
         args.loglevel,
