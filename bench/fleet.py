@@ -130,13 +130,20 @@ def wait_for_offerings(settings: Settings, models: list[str], worker: Managed | 
 
 
 def start_fleet(
-    settings: Settings, models: list[str], *, name: str, concurrency: int, warm_up: bool = True
+    settings: Settings,
+    models: list[str],
+    *,
+    name: str,
+    concurrency: int,
+    warm_up: bool = True,
+    processes: int = 1,
 ) -> FleetUnderTest:
-    """Start a worker for ``settings``, wait for its offerings, and (optionally) one round trip per model."""
+    """Start a worker for ``settings`` (``processes`` sharing its slots), wait for its offerings, and
+    (optionally) one round trip per model."""
     from tasks import chat
 
     configure_producer(settings)
-    worker = start_worker(worker_env(settings), name, concurrency)
+    worker = start_worker(worker_env(settings), name, concurrency, processes)
     fleet = FleetUnderTest(settings, worker, concurrency)
     try:
         wait_for_offerings(settings, models, worker)

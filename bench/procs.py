@@ -92,6 +92,21 @@ class Managed:
         """Whether the child still runs."""
         return self.process.poll() is None
 
+    def pids(self) -> list[int]:
+        """The child's process id and its descendants' (a worker group's processes)."""
+        with contextlib.suppress(psutil.Error):
+            return [self.pid, *(child.pid for child in self.ps.children(recursive=True))]
+        return [self.pid]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the child and its descendants."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
+
     def rss_bytes(self) -> int:
         """Resident memory of the child and its descendants."""
         total = 0
@@ -203,11 +218,18 @@ def start_simulator(
             return Simulator(managed, line[len(READY_PREFIX) :].strip(), list(models))
 
 
-def start_worker(env: Mapping[str, str], name: str, concurrency: int) -> Managed:
-    """A real ``celery worker`` (threads pool) configured only by ``VLLM_FLEET_*`` variables."""
+def start_worker(env: Mapping[str, str], name: str, concurrency: int, processes: int = 1) -> Managed:
+    """A real ``celery worker`` (threads pool) configured only by ``VLLM_FLEET_*`` variables.
+
+    With ``processes`` > 1: ``vllm-fleet worker --processes K``, whose processes share the instance's slots.
+    """
     from tasks.cli import worker_process_argv
 
-    return Managed(name, worker_process_argv(name, concurrency), env=env, stdout=subprocess.DEVNULL)
+    if processes == 1:
+        return Managed(name, worker_process_argv(name, concurrency), env=env, stdout=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", "tasks.cli", "worker", "--processes", str(processes)]
+    argv += ["--hostname", f"{name}@%h", "--loglevel", "WARNING"]
+    return Managed(name, argv, env=env, stdout=subprocess.DEVNULL)
 
 
 def flush_redis(base_url: str, databases: Sequence[int]) -> None:

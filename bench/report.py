@@ -274,6 +274,7 @@ def _throughput_section(results: Mapping[str, Any]) -> list[str]:
                 [
                     broker,
                     n,
+                    fmt(_get(level, "worker_processes")) if level.get("worker_processes") else "1",
                     fmt(_get(level, "ideal_requests_per_s")),
                     fmt(_get(direct, "requests_per_s")),
                     fmt(_get(fleet, "requests_per_s")),
@@ -288,6 +289,7 @@ def _throughput_section(results: Mapping[str, Any]) -> list[str]:
     header = [
         "broker",
         "N",
+        "worker processes",
         "ideal req/s",
         "direct req/s",
         "fleet req/s",
@@ -300,7 +302,9 @@ def _throughput_section(results: Mapping[str, Any]) -> list[str]:
         "## 2. Throughput (simulator: TTFT 100 ms, 20 ms/token, 16 tokens; closed-loop callers)",
         "",
         f"Each run lasts {fmt(window)} s; *ideal* is N / 0.4 s. CPU is cores busy over the run "
-        "(machine = all processes; load = the load-generator processes).",
+        "(machine = all processes; load = the load-generator processes; worker = all its processes). "
+        "The worker is sized for N: N slots, and from N = 64 one process per core "
+        "(`vllm-fleet worker --processes`), since one Python process runs below one core.",
         "",
         *_table(header, rows),
         "",

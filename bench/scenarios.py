@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from bench.fleet import (
     BACKEND_DB,
     MAX_TOKENS,
@@ -122,8 +124,10 @@ def _reply_fields(reply: dict[str, Any]) -> tuple[Any, Any, Any]:
 
 
 @contextmanager
-def _fleet(settings: Settings, models: list[str], name: str, concurrency: int) -> Iterator[FleetUnderTest]:
-    fleet = start_fleet(settings, models, name=name, concurrency=concurrency)
+def _fleet(
+    settings: Settings, models: list[str], name: str, concurrency: int, processes: int = 1
+) -> Iterator[FleetUnderTest]:
+    fleet = start_fleet(settings, models, name=name, concurrency=concurrency, processes=processes)
     try:
         yield fleet
     finally:
@@ -224,11 +228,19 @@ def _meter(sim: Simulator, worker: Managed | None, load: list[Managed]) -> CpuMe
         "load": [proc.pid for proc in load],
     }
     if worker is not None:
-        groups["worker"] = [worker.pid]
+        groups["worker"] = worker.pids()
     return CpuMeter(groups)
 
 
 # -- 2. throughput --------------------------------------------------------------------------------------
+
+# A worker sized for N callers: N slots, and one process per core once N reaches two processes' worth.
+CALLERS_PER_WORKER_PROCESS = 32
+
+
+def worker_processes_for(callers: int) -> int:
+    """Worker processes for ``callers`` in flight: one per ``CALLERS_PER_WORKER_PROCESS``, at most one per core."""
+    return max(1, min(psutil.cpu_count() or 1, callers // CALLERS_PER_WORKER_PROCESS))
 
 
 def _run_load(
@@ -359,7 +371,8 @@ def measure_throughput(
         expected = expected_answers(sim.url, CHAT_MODEL)
         for n in levels:
             settings = bench_settings(broker_url, sim.url, security, concurrency=n, chat_s=30.0)
-            with _fleet(settings, [CHAT_MODEL], f"bench-tput-{label}-{n}", n) as fleet:
+            processes = worker_processes_for(n)
+            with _fleet(settings, [CHAT_MODEL], f"bench-tput-{label}-{n}", n, processes) as fleet:
                 where = f"throughput[{label}, N={n}]"
                 direct = _run_load("direct", n, seconds, sim, None, expected, fleet.worker, sanity, where)
                 via = _run_load("fleet", n, seconds, sim, settings, expected, fleet.worker, sanity, where)
@@ -371,6 +384,7 @@ def measure_throughput(
                     "ratio": {"value": ratio, "unit": "fleet/direct"},
                     "ideal_requests_per_s": {"value": ideal, "unit": "req/s"},
                     "worker_rss_mb": {"value": fleet.worker.rss_bytes() / MB, "unit": "MB"},
+                    "worker_processes": {"value": processes, "unit": "processes"},
                 }
     finally:
         sim.stop()
@@ -696,8 +710,7 @@ def _watch_drain(worker: Managed, results_db: Any, base: int, count: int, timeou
 
 
 def _cpu_seconds(proc: Managed) -> float:
-    times = proc.ps.cpu_times()
-    return float(times.user + times.system)
+    return proc.cpu_seconds()
 
 
 def _check_backlog_results(task_ids: list[str], expected: dict[str, str], sanity: Sanity) -> int:

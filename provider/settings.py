@@ -249,6 +249,25 @@ class Settings(BaseSettings):
     latency_window: int = Field(default=50, ge=1)
     latency_penalty_threshold_s: float | None = Field(default=None, gt=0)
     events_stream_max_len: int = Field(default=10_000, ge=1)
+    # ``vllm-fleet worker --processes K`` starts K worker processes; process i (1..K) serves its share of every
+    # instance's concurrency (the shares add up to the instance's), and metrics on ``metrics_port + i - 1``.
+    worker_processes: int = Field(default=1, ge=1, le=64)
+    worker_process_index: int = Field(default=0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _take_process_share(self) -> Settings:
+        """In process ``i`` of ``K``: 1/K of each instance's slots (the first ``c % K`` processes take one more)."""
+        index, count = self.worker_process_index, self.worker_processes
+        if index == 0 or count == 1:
+            return self
+        if index > count:
+            raise ValueError(f"worker_process_index {index} is beyond worker_processes {count}")
+        for name, instance in self.instances.items():
+            share = instance.concurrency // count + (1 if index <= instance.concurrency % count else 0)
+            self.instances[name] = instance.model_copy(update={"concurrency": max(1, share)})
+        if self.metrics_port:
+            self.metrics_port += index - 1
+        return self
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``VLLM_FLEET_*`` variables, secrets included: for starting fleet processes only."""

@@ -1,7 +1,7 @@
 """``vllm-fleet``: the command line people use every day with the fleet.
 
     vllm-fleet keys generate --dir keys          # Ed25519 signing pair + AES sealing key, and the env lines
-    vllm-fleet worker                            # a worker for the configured instances (threads pool)
+    vllm-fleet worker [--processes K]            # a worker for the configured instances (threads pool)
     vllm-fleet beat                              # the periodic discovery refresh (run exactly one)
     vllm-fleet chat MODEL "prompt" [--stream]    # submit a chat; --stream prints tokens as they come
     vllm-fleet embed MODEL "text" ...            # submit an embedding
@@ -107,6 +107,18 @@ def worker_concurrency() -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from provider.settings import get_settings
+
+    settings = get_settings()
+    processes = args.processes or settings.worker_processes
+    if processes > 1 and settings.worker_process_index == 0:
+        from provider.discovery import instances_to_serve
+        from tasks.process_group import run_worker_group
+
+        instances = instances_to_serve(settings)
+        return run_worker_group(
+            processes, instances, hostname=args.hostname, loglevel=args.loglevel, concurrency=args.concurrency
+        )
     from tasks.app import app
 
     argv = [
@@ -286,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=0, help="threads (default: instances' limits + 2)")
     worker.add_argument("--hostname", default=os.environ.get("VLLM_FLEET_WORKER_NAME"))
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="worker processes sharing each instance's slots (default: WORKER_PROCESSES, 1); one per core",
+    )
     worker.set_defaults(run=_cmd_worker)
 
     beat = sub.add_parser("beat", help="run Celery Beat (exactly one per fleet)")
