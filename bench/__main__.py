@@ -71,6 +71,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 SATURATED_FRACTION = 0.9
 WORKER_LIMIT_CORES = 0.65
+RATIO_TARGET = 0.9
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -123,10 +124,18 @@ def saturation_notes(results: dict[str, Any], cores: int) -> tuple[list[str], di
                     "runs: these figures are disturbed"
                 )
             worker_cores = fleet_cpu.get("worker", 0.0)
-            if worker_cores >= WORKER_LIMIT_CORES:
+            processes = int((level.get("worker_processes") or {}).get("value", 1))
+            if worker_cores >= WORKER_LIMIT_CORES * processes:
                 notes.append(
-                    f"{broker}, N={n}: the worker process is the limit: it used {worker_cores:.2f} cores, close to the "
-                    "one core a Python interpreter's threads share (the GIL); its CPU per request sets the rate"
+                    f"{broker}, N={n}: the worker is the limit: its {processes} process(es) used {worker_cores:.2f} "
+                    f"cores, close to the {processes} core(s) their interpreters can use (one each: the GIL); "
+                    "its CPU per request sets the rate"
+                )
+            elif busy < SATURATED_FRACTION * cores and ratio < RATIO_TARGET:
+                notes.append(
+                    f"{broker}, N={n}: no single limit: the worker's {processes} process(es) used {worker_cores:.2f} "
+                    f"cores and the machine {busy:.2f} of {cores}; the worker's CPU per request, shared with the "
+                    f"load generators and the simulator, sets the latency (fleet/direct {ratio:.2f})"
                 )
             if load_max >= 0.8:
                 notes.append(
