@@ -186,7 +186,7 @@ def test_count_commands_attributes_monitor_lines_to_processes() -> None:
 
 
 def test_saturation_notes_name_the_limit_and_the_highest_free_n() -> None:
-    def level(machine: float, worker: float, ratio: float) -> dict[str, object]:
+    def level(machine: float, worker: float, ratio: float, processes: int = 1) -> dict[str, object]:
         return {
             "direct": {"cpu_cores": {"machine": 0.5, "other": 0.0}},
             "fleet": {
@@ -194,12 +194,16 @@ def test_saturation_notes_name_the_limit_and_the_highest_free_n() -> None:
                 "load_process_max_cores": {"value": 0.1, "unit": "cores"},
             },
             "ratio": {"value": ratio, "unit": "fleet/direct"},
+            "worker_processes": {"value": processes, "unit": "processes"},
         }
 
-    results = {"throughput": {"redis": {"levels": {"8": level(0.6, 0.2, 0.95), "64": level(1.95, 0.9, 0.5)}}}}
-    notes, summary = saturation_notes(results, cores=2)
-    assert summary["redis"]["highest_unsaturated_n"] == 8
-    assert summary["redis"]["ratio"]["value"] == 0.95
+    levels = {"8": level(0.6, 0.2, 0.95), "64": level(1.95, 0.9, 0.5), "32": level(1.2, 0.9, 0.7, processes=2)}
+    notes, summary = saturation_notes({"throughput": {"redis": {"levels": levels}}}, cores=2)
+    assert summary["redis"]["highest_unsaturated_n"] == 32
+    assert summary["redis"]["ratio"]["value"] == 0.7
     assert any("N=64: the machine is the limit" in note for note in notes)
-    assert any("N=64: the worker process is the limit" in note for note in notes)
-    assert not any("N=8: the" in note for note in notes)
+    assert any("N=64: the worker is the limit: its 1 process(es) used 0.90" in note for note in notes)
+    # Two processes at 0.9 cores are not at their limit: the note says so instead of blaming the GIL.
+    assert not any("N=32: the worker is the limit" in note for note in notes)
+    assert any("N=32: no single limit" in note for note in notes)
+    assert not any("N=8:" in note for note in notes)  # on target: nothing to say
