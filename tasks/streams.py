@@ -5,6 +5,7 @@ Each entry has a kind ``k`` and JSON data ``d``:
 | k | meaning |
 |---|---|
 | ``c`` | a chunk (``provider.models.StreamChunk`` without its null fields) |
+| ``b`` | several chunks in order, a JSON array of them (what the relay had queued for the stream at once) |
 | ``r`` | reset: the worker restarted generation after a retryable failure; chunks before it are superseded |
 | ``d`` | done: the assembled message follows in the task result; the stream ends |
 | ``e`` | error: an error envelope; the stream ends |
@@ -21,11 +22,12 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import TypeAdapter
 
 from provider.models import StreamChunk
 from provider.protocol import PURPOSE_STREAM, FleetError, KeyRing, open_sealed, seal
@@ -34,6 +36,7 @@ from tasks.errors import fleet_error_from_envelope
 __all__ = [
     "KIND_CANCELLED",
     "KIND_CHUNK",
+    "KIND_CHUNKS",
     "KIND_DONE",
     "KIND_ERROR",
     "KIND_RESET",
@@ -42,10 +45,13 @@ __all__ = [
     "StreamReset",
     "StreamWriter",
     "decode_entry",
+    "entry_items",
     "read_stream",
+    "split_position",
 ]
 
 KIND_CHUNK = b"c"
+KIND_CHUNKS = b"b"
 KIND_RESET = b"r"
 KIND_DONE = b"d"
 KIND_ERROR = b"e"
@@ -55,6 +61,7 @@ READ_BLOCK_MS = 1000
 RELAY_BATCH = 512
 FLUSH_TIMEOUT_S = 10.0
 READ_BATCH = 512
+_CHUNK_LIST = TypeAdapter(list[StreamChunk])
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +95,12 @@ class EntrySealer:
 
 
 class _StreamState:
-    """What the relay thread reports back to one writer."""
+    """One writer's stream as the relay thread sees it: how to seal its entries, and what it reports back."""
 
-    __slots__ = ("cancelled", "error", "flushed", "pending")
+    __slots__ = ("cancelled", "error", "flushed", "pending", "sealer")
 
-    def __init__(self) -> None:
+    def __init__(self, sealer: EntrySealer) -> None:
+        self.sealer = sealer
         self.pending = 0
         self.cancelled = False
         self.error: Exception | None = None
@@ -103,8 +111,9 @@ class ChunkRelay:
     """One thread per worker that appends every stream's chunks to Redis, many per round trip.
 
     A chunk that finds the relay idle goes out at once (no added latency); chunks that arrive while a round trip
-    is in flight go out together in the next one (group commit), so a busy worker relays far more chunks per
-    second than one round trip per chunk allows. Each batch also reads the cancel flags of its streams.
+    is in flight go out together in the next one (group commit). The chunks a batch holds for one stream become
+    one entry, sealed once (``b``: a JSON array of them), so a fast stream costs one seal, one entry and one
+    read per batch rather than per token. Each batch also reads the cancel flags of its streams.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -129,18 +138,24 @@ class ChunkRelay:
             self._write(batch)
 
     def _write(self, batch: list[tuple[str, bytes, int, str, _StreamState]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for key, data, max_len, _, _ in batch:
-            pipe.xadd(key, {"k": KIND_CHUNK, "d": data}, maxlen=max_len, approximate=True)
+        grouped: dict[str, tuple[int, _StreamState, list[bytes]]] = {}
+        for key, data, max_len, _, state in batch:
+            grouped.setdefault(key, (max_len, state, []))[2].append(data)
         streams: dict[str, _StreamState] = {cancel_key: state for _, _, _, cancel_key, state in batch}
-        for cancel_key in streams:
-            pipe.exists(cancel_key)
+        pipe = self._redis.pipeline(transaction=False)
         error: Exception | None = None
         try:
+            for key, (max_len, state, chunks) in grouped.items():
+                kind, plain = (
+                    (KIND_CHUNK, chunks[0]) if len(chunks) == 1 else (KIND_CHUNKS, b"[%s]" % b",".join(chunks))
+                )
+                pipe.xadd(key, {"k": kind, "d": state.sealer.seal(plain)}, maxlen=max_len, approximate=True)
+            for cancel_key in streams:
+                pipe.exists(cancel_key)
             replies = pipe.execute()
         except Exception as exc:  # reported to the writers, whose tasks fail with it; the relay lives on
             error, replies = exc, []
-        flags = replies[len(batch) :]
+        flags = replies[len(grouped) :]
         for state, flag in zip(streams.values(), flags or [0] * len(streams), strict=True):
             state.cancelled = state.cancelled or bool(flag)
         for *_, state in batch:
@@ -179,7 +194,7 @@ class StreamWriter:
     ) -> None:
         self._redis = client
         self._relay = relay_for(client)
-        self._state = _StreamState()
+        self._state = _StreamState(sealer)
         self._sealer = sealer
         self._key = key
         self._cancel_key = cancel_key
@@ -190,7 +205,7 @@ class StreamWriter:
         """Relay one chunk as it arrives; returns whether the producer has asked to cancel (seen by the relay)."""
         if self._state.error is not None:
             raise self._state.error
-        data = self._sealer.seal(chunk.model_dump_json(exclude_none=True, exclude_defaults=True).encode())
+        data = chunk.model_dump_json(exclude_none=True, exclude_defaults=True).encode()  # sealed by the relay
         self._relay.submit(self._key, data, self._max_len, self._cancel_key, self._state)
         return self._state.cancelled
 
@@ -234,38 +249,69 @@ def read_stream(
     start_id: str = "0-0",
     on_entry: Any = None,
 ) -> Iterator[StreamChunk | StreamReset]:
-    """Yield chunks (and reset markers) from ``start_id`` until the terminal entry or the deadline.
+    """Yield chunks (and reset markers) after the position ``start_id`` until the terminal entry or the deadline.
 
     Raises ``FleetError`` for an error entry, a cancelled stream, or a deadline reached with no end.
-    ``on_entry`` (if given) is called with each entry id, so a caller can remember where to resume.
+    ``on_entry`` (if given) is called with the position of each item before it is yielded, so a caller can
+    remember where to resume: an entry id, or ``<entry id>/<n>`` inside an entry of several chunks.
     """
-    last_id = start_id
+    last_id, skip = split_position(start_id)
+    entries: Any = client.xrange(key, min=last_id, max=last_id) if skip else []
     while True:
+        for entry_id_raw, fields in entries:
+            entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else str(entry_id_raw)
+            last_id = entry_id
+            items = entry_items(fields, entry_id, sealer, skip)
+            skip = 0
+            if items is None:
+                if on_entry is not None:
+                    on_entry(entry_id)
+                return
+            for position, item in items:
+                if on_entry is not None:
+                    on_entry(position)
+                yield item
         remaining_ms = int((deadline - time.time()) * 1000)
         if remaining_ms <= 0:
             raise FleetError("the stream did not finish before its deadline", code="fleet_timeout", retryable=False)
         reply: Any = client.xread({key: last_id}, count=READ_BATCH, block=min(READ_BLOCK_MS, remaining_ms))
-        if not reply:
-            continue
-        for entry_id_raw, fields in reply[0][1]:
-            entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else str(entry_id_raw)
-            last_id = entry_id
-            if on_entry is not None:
-                on_entry(entry_id)
-            item = decode_entry(fields, entry_id, sealer)
-            if item is None:
-                return
-            yield item
+        entries = reply[0][1] if reply else []
 
 
-def decode_entry(fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer) -> StreamChunk | StreamReset | None:
-    """One stream entry as what a reader yields; None at the successful end; ``FleetError`` for a failed one."""
+def split_position(position: str) -> tuple[str, int]:
+    """``"<entry id>/<n>"`` → (entry id, chunks of it already read); a bare entry id → (it, 0)."""
+    entry_id, _, consumed = position.partition("/")
+    if consumed and not consumed.isdigit():
+        raise FleetError(f"not a stream position: {position!r}", code="malformed", retryable=False)
+    return entry_id, int(consumed or 0)
+
+
+def entry_items(
+    fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer, skip: int = 0
+) -> list[tuple[str, StreamChunk | StreamReset]] | None:
+    """The items of one entry after its first ``skip``, each with the position just past it; None at the end."""
+    items = decode_entry(fields, entry_id, sealer)
+    if items is None:
+        return None
+    total = len(items)
+    return [
+        (entry_id if index == total else f"{entry_id}/{index}", item)
+        for index, item in enumerate(items[skip:], start=skip + 1)
+    ]
+
+
+def decode_entry(
+    fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer
+) -> Sequence[StreamChunk | StreamReset] | None:
+    """What one stream entry yields to a reader; None at the successful end; ``FleetError`` for a failed one."""
     kind = fields[b"k"]
     data = sealer.open(fields[b"d"])
     if kind == KIND_CHUNK:
-        return StreamChunk.model_validate_json(data)
+        return [StreamChunk.model_validate_json(data)]
+    if kind == KIND_CHUNKS:
+        return _CHUNK_LIST.validate_json(data)
     if kind == KIND_RESET:
-        return StreamReset(attempt=int(json.loads(data)["attempt"]), entry_id=entry_id)
+        return [StreamReset(attempt=int(json.loads(data)["attempt"]), entry_id=entry_id)]
     if kind == KIND_DONE:
         return None
     if kind == KIND_ERROR:
@@ -279,7 +325,7 @@ class FleetStream:
     """A producer's view of one streamed chat: iterate chunks while the task runs, resume, or cancel.
 
     Iteration yields ``StreamChunk`` objects and, if the worker had to restart generation, a ``StreamReset``
-    marker (discard what came before it). ``last_id`` is the entry to resume from with ``start_id``.
+    marker (discard what came before it). ``last_id`` is the position to resume from with ``start_id``.
     """
 
     def __init__(
