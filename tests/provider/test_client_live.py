@@ -62,6 +62,19 @@ def wait_for(sim: Any, condition: Callable[[dict[str, Any]], bool]) -> dict[str,
         time.sleep(0.02)
 
 
+def counting_connects(connects: list[str]) -> Callable[[httpx.Request], None]:
+    """An httpx request hook that notes every TCP connection opened (httpx's ``trace`` extension)."""
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.started":
+            connects.append(event)
+
+    def add_trace(request: httpx.Request) -> None:
+        request.extensions["trace"] = trace
+
+    return add_trace
+
+
 def fail_next(sim: Any, **rule: Any) -> None:
     sim.configure(failures=[{"count": 1, **rule}])
 
@@ -371,15 +384,7 @@ class TestCancellation:
 
     def test_a_finished_stream_reuses_its_connection(self, sim: Any) -> None:
         connects: list[str] = []
-
-        def trace(event: str, info: dict[str, Any]) -> None:
-            if event == "connection.connect_tcp.started":
-                connects.append(event)
-
-        def add_trace(request: httpx.Request) -> None:
-            request.extensions["trace"] = trace
-
-        http = httpx.Client(event_hooks={"request": [add_trace]})
+        http = httpx.Client(event_hooks={"request": [counting_connects(connects)]})
         with http, VllmClient(InstanceSettings(name="sim", base_url=sim.url), http=http) as traced:
             for _ in range(3):
                 assert collect(traced, chat_request()).finish_reason == "stop"
@@ -391,16 +396,8 @@ class TestCancellation:
         sim.configure(itl_s=0.01)
         results: list[str | None] = []
         connects: list[str] = []
-
-        def trace(event: str, info: dict[str, Any]) -> None:
-            if event == "connection.connect_tcp.started":
-                connects.append(event)
-
-        def add_trace(request: httpx.Request) -> None:
-            request.extensions["trace"] = trace
-
         (pool,) = client._pools.clients
-        pool.event_hooks = {"request": [add_trace]}
+        pool.event_hooks = {"request": [counting_connects(connects)]}
 
         def run() -> None:
             results.append(collect(client, chat_request()).content)
