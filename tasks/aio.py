@@ -24,7 +24,7 @@ from provider.models import StreamChunk
 from provider.protocol import FleetError
 from tasks.producer import FleetResult, FleetTask
 from tasks.runtime import runtime
-from tasks.streams import READ_BATCH, StreamReset, entry_items, split_position
+from tasks.streams import READ_BATCH, StreamCursor, StreamReset
 
 __all__ = ["astream", "gather_result", "submit"]
 
@@ -51,22 +51,19 @@ async def astream(
     key = rt.keys.stream(task_id)
     client = aioredis.Redis.from_url(rt.settings.redis_url)
     sealer = rt.stream_sealer(task_id)
-    last_id, skip = split_position(start_id)
+    cursor = StreamCursor(start_id)
     try:
-        entries: Any = await client.xrange(key, min=last_id, max=last_id) if skip else []
+        entries: Any = await client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.skip else []
         while True:
-            for entry_id, fields in entries:
-                last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                items = entry_items(fields, last_id, sealer, skip)
-                skip = 0
-                if items is None:
-                    return
-                for _, item in items:
-                    yield item
+            for _, item in cursor.items(entries, sealer):
+                yield item
+            if cursor.ended:
+                return
             remaining_ms = int((deadline - time.time()) * 1000)
             if remaining_ms <= 0:
                 raise FleetError("the stream did not finish before its deadline", code="fleet_timeout")
-            reply: Any = await client.xread({key: last_id}, count=READ_BATCH, block=min(_READ_BLOCK_MS, remaining_ms))
+            block_ms = min(_READ_BLOCK_MS, remaining_ms)
+            reply: Any = await client.xread({key: cursor.entry_id}, count=READ_BATCH, block=block_ms)
             entries = reply[0][1] if reply else []
     finally:
         await client.aclose()

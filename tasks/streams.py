@@ -22,7 +22,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,10 @@ __all__ = [
     "KIND_RESET",
     "EntrySealer",
     "FleetStream",
+    "StreamCursor",
     "StreamReset",
     "StreamWriter",
     "decode_entry",
-    "entry_items",
     "read_stream",
     "split_position",
 ]
@@ -255,27 +255,53 @@ def read_stream(
     ``on_entry`` (if given) is called with the position of each item before it is yielded, so a caller can
     remember where to resume: an entry id, or ``<entry id>/<n>`` inside an entry of several chunks.
     """
-    last_id, skip = split_position(start_id)
-    entries: Any = client.xrange(key, min=last_id, max=last_id) if skip else []
+    cursor = StreamCursor(start_id)
+    entries: Any = client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.skip else []
     while True:
-        for entry_id_raw, fields in entries:
-            entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else str(entry_id_raw)
-            last_id = entry_id
-            items = entry_items(fields, entry_id, sealer, skip)
-            skip = 0
-            if items is None:
-                if on_entry is not None:
-                    on_entry(entry_id)
-                return
-            for position, item in items:
+        try:
+            for position, item in cursor.items(entries, sealer):
                 if on_entry is not None:
                     on_entry(position)
                 yield item
+        except FleetError:  # an error or cancelled entry: the position is at it, as at the successful end
+            if on_entry is not None:
+                on_entry(cursor.entry_id)
+            raise
+        if cursor.ended:
+            if on_entry is not None:
+                on_entry(cursor.entry_id)
+            return
         remaining_ms = int((deadline - time.time()) * 1000)
         if remaining_ms <= 0:
             raise FleetError("the stream did not finish before its deadline", code="fleet_timeout", retryable=False)
-        reply: Any = client.xread({key: last_id}, count=READ_BATCH, block=min(READ_BLOCK_MS, remaining_ms))
+        reply: Any = client.xread({key: cursor.entry_id}, count=READ_BATCH, block=min(READ_BLOCK_MS, remaining_ms))
         entries = reply[0][1] if reply else []
+
+
+class StreamCursor:
+    """A reader's place in a stream: the last entry read and, inside an entry of several chunks, how many of
+    them. Sync and async readers feed it the entries XRANGE/XREAD return and yield what it gives back."""
+
+    def __init__(self, position: str) -> None:
+        self.entry_id, self.skip = split_position(position)
+        self.ended = False
+
+    def items(
+        self, entries: Iterable[tuple[Any, dict[bytes, bytes]]], sealer: EntrySealer
+    ) -> Iterator[tuple[str, StreamChunk | StreamReset]]:
+        """Each item of ``entries`` past the cursor with the position just after it; stops at the stream's end
+        (``ended``), and raises ``FleetError`` at a failed one, after the items before it."""
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            self.entry_id = entry_id
+            items = decode_entry(fields, entry_id, sealer)
+            skip, self.skip = self.skip, 0
+            if items is None:
+                self.ended = True
+                return
+            total = len(items)
+            for index, item in enumerate(items[skip:], start=skip + 1):
+                yield (entry_id if index == total else f"{entry_id}/{index}"), item
 
 
 def split_position(position: str) -> tuple[str, int]:
@@ -284,20 +310,6 @@ def split_position(position: str) -> tuple[str, int]:
     if consumed and not consumed.isdigit():
         raise FleetError(f"not a stream position: {position!r}", code="malformed", retryable=False)
     return entry_id, int(consumed or 0)
-
-
-def entry_items(
-    fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer, skip: int = 0
-) -> list[tuple[str, StreamChunk | StreamReset]] | None:
-    """The items of one entry after its first ``skip``, each with the position just past it; None at the end."""
-    items = decode_entry(fields, entry_id, sealer)
-    if items is None:
-        return None
-    total = len(items)
-    return [
-        (entry_id if index == total else f"{entry_id}/{index}", item)
-        for index, item in enumerate(items[skip:], start=skip + 1)
-    ]
 
 
 def decode_entry(
