@@ -53,6 +53,16 @@ def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time (user + system) of the processes ``pids`` (those gone count nothing)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 class Managed:
     """One child process in its own process group, stopped with its group."""
 
@@ -100,12 +110,7 @@ class Managed:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the child and its descendants."""
-        total = 0.0
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-        return total
+        return cpu_seconds(self.pids())
 
     def rss_bytes(self) -> int:
         """Resident memory of the child and its descendants."""
@@ -223,12 +228,9 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int, processes:
 
     With ``processes`` > 1: ``vllm-fleet worker --processes K``, whose processes share the instance's slots.
     """
-    from tasks.cli import worker_process_argv
+    from tasks.cli import worker_group_argv, worker_process_argv
 
-    if processes == 1:
-        return Managed(name, worker_process_argv(name, concurrency), env=env, stdout=subprocess.DEVNULL)
-    argv = [sys.executable, "-m", "tasks.cli", "worker", "--processes", str(processes)]
-    argv += ["--hostname", f"{name}@%h", "--loglevel", "WARNING"]
+    argv = worker_process_argv(name, concurrency) if processes == 1 else worker_group_argv(name, processes)
     return Managed(name, argv, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -283,27 +285,18 @@ class CpuMeter:
         self.wall_s = 0.0
         self.result: dict[str, float] = {}
 
-    @staticmethod
-    def _cpu(pids: Sequence[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-        return total
-
     def start(self) -> None:
         """Take the first reading."""
         self._t0 = time.monotonic()
         self._machine_start = psutil.cpu_times()
-        self._start = {name: self._cpu(pids) for name, pids in self.groups.items()}
+        self._start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
 
     def stop(self) -> dict[str, float]:
         """Cores busy per group over the interval, plus ``machine`` (all processes), ``other`` and ``idle``."""
         wall = self.wall_s = time.monotonic() - self._t0
         machine = psutil.cpu_times()
         result = {
-            name: (self._cpu(pids) - self._start[name]) / wall if wall > 0 else 0.0
+            name: (cpu_seconds(pids) - self._start[name]) / wall if wall > 0 else 0.0
             for name, pids in self.groups.items()
         }
         idle_s = (machine.idle - self._machine_start.idle) + (

@@ -690,10 +690,10 @@ def _watch_drain(worker: Managed, results_db: Any, base: int, count: int, timeou
         if stored > 0 and first is None:
             first = now
             start_rss = rss
-            cpu_start = _cpu_seconds(worker)
+            cpu_start = worker.cpu_seconds()
         if stored >= count:
             done_at = now
-            cpu_end = _cpu_seconds(worker)
+            cpu_end = worker.cpu_seconds()
             break
         time.sleep(0.05)
     if done_at is None or first is None:
@@ -707,10 +707,6 @@ def _watch_drain(worker: Managed, results_db: Any, base: int, count: int, timeou
         "peak_rss": peak,
         "worker_cores": (cpu_end - cpu_start) / seconds if seconds > 0 else 0.0,
     }
-
-
-def _cpu_seconds(proc: Managed) -> float:
-    return proc.cpu_seconds()
 
 
 def _check_backlog_results(task_ids: list[str], expected: dict[str, str], sanity: Sanity) -> int:

@@ -433,7 +433,7 @@ class VllmClient:
         self._pools = (
             ConnectionPools.wrapping(http)
             if http is not None
-            else ConnectionPools(
+            else ConnectionPools.sized(
                 instance.concurrency + MANAGEMENT_CONNECTIONS,
                 KEEPALIVE_EXPIRY_S,
                 httpx.Timeout(self._timeouts.management_s, connect=self._timeouts.connect_s),

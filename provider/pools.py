@@ -69,29 +69,39 @@ class _CountingTransport(httpx.BaseTransport):
 
 
 class ConnectionPools:
-    """``connections`` connections as one httpx.Client, or as several when there are more than a shard's worth."""
+    """An instance's httpx clients: one plain pool, or several counted ones when there are many connections."""
 
-    def __init__(self, connections: int, keepalive_expiry_s: float, timeout: httpx.Timeout) -> None:
+    def __init__(
+        self,
+        clients: list[httpx.Client],
+        counters: list[_CountingTransport] | None = None,
+        *,
+        connection_limits: list[int] | None = None,
+        owned: bool = True,
+    ) -> None:
+        self.clients = clients
+        self._counters = counters or []
+        self.connection_limits = connection_limits or []
+        self._owned = owned
+
+    @classmethod
+    def sized(cls, connections: int, keepalive_expiry_s: float, timeout: httpx.Timeout) -> ConnectionPools:
+        """``connections`` connections: one pool, or pools of at most ``SHARD_CONNECTIONS`` adding up to them."""
         count = max(1, math.ceil(connections / SHARD_CONNECTIONS))
         per_pool = math.ceil(connections / count)
         limits = httpx.Limits(
             max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=keepalive_expiry_s
         )
-        self.connection_limits = [per_pool] * count
-        self._owned = True
         if count == 1:
-            self._counters: list[_CountingTransport] = []
-            self.clients = [httpx.Client(limits=limits, timeout=timeout)]
-            return
-        self._counters = [_CountingTransport(httpx.HTTPTransport(limits=limits)) for _ in range(count)]
-        self.clients = [httpx.Client(transport=counter, timeout=timeout) for counter in self._counters]
+            return cls([httpx.Client(limits=limits, timeout=timeout)], connection_limits=[per_pool])
+        counters = [_CountingTransport(httpx.HTTPTransport(limits=limits)) for _ in range(count)]
+        clients = [httpx.Client(transport=counter, timeout=timeout) for counter in counters]
+        return cls(clients, counters, connection_limits=[per_pool] * count)
 
     @classmethod
     def wrapping(cls, client: httpx.Client) -> ConnectionPools:
         """One client the caller made (and closes): used as it is."""
-        pools = cls.__new__(cls)
-        pools.connection_limits, pools._counters, pools.clients, pools._owned = [], [], [client], False
-        return pools
+        return cls([client], owned=False)
 
     def pick(self) -> httpx.Client:
         """The client whose pool has the fewest requests in flight."""

@@ -97,6 +97,22 @@ def worker_process_argv(name: str, concurrency: int, loglevel: str = "WARNING") 
     ]
 
 
+def worker_group_argv(name: str, processes: int, loglevel: str = "WARNING") -> list[str]:
+    """The command line of a worker of ``processes`` processes sharing its instances' slots (``--processes``)."""
+    return [
+        sys.executable,
+        "-m",
+        "tasks.cli",
+        "worker",
+        "--processes",
+        str(processes),
+        "--hostname",
+        f"{name}@%h",
+        "--loglevel",
+        loglevel,
+    ]
+
+
 def worker_concurrency() -> int:
     """Threads for a worker: every instance's concurrency limit, plus room for management calls."""
     from provider.discovery import instances_to_serve

@@ -14,7 +14,7 @@ from provider.pools import SHARD_CONNECTIONS, ConnectionPools
 
 @pytest.fixture
 def pools() -> Iterator[ConnectionPools]:
-    split = ConnectionPools(3 * SHARD_CONNECTIONS, keepalive_expiry_s=4.0, timeout=httpx.Timeout(5.0))
+    split = ConnectionPools.sized(3 * SHARD_CONNECTIONS, keepalive_expiry_s=4.0, timeout=httpx.Timeout(5.0))
     yield split
     split.close()
 
@@ -24,7 +24,7 @@ def in_flight(pools: ConnectionPools) -> list[int]:
 
 
 def test_a_small_instance_keeps_one_plain_pool() -> None:
-    single = ConnectionPools(SHARD_CONNECTIONS, keepalive_expiry_s=4.0, timeout=httpx.Timeout(5.0))
+    single = ConnectionPools.sized(SHARD_CONNECTIONS, keepalive_expiry_s=4.0, timeout=httpx.Timeout(5.0))
     try:
         assert len(single.clients) == 1
         assert single.connection_limits == [SHARD_CONNECTIONS]

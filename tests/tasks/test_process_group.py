@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 from provider.settings import InstanceSettings, Settings
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
+from tasks.cli import worker_group_argv
 from tasks.process_group import child_node_name
 from tests.tasks.conftest import Fleet, wait_for
 
@@ -39,9 +39,9 @@ def group_settings(fleet: Fleet, sim: SimulatorServer, concurrency: int = SLOTS)
 
 def start_group(settings: Settings, processes: int, name: str) -> subprocess.Popen[str]:
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "tasks.cli", "worker", "--processes", str(processes)]
-    argv += ["--hostname", f"{name}@%h", "--loglevel", "WARNING"]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        worker_group_argv(name, processes), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def answering_nodes(prefix: str) -> set[str]:
