@@ -47,6 +47,26 @@ _MANAGEMENT_HEADROOM = 2
 _PIPED_WIDTH = 400
 
 
+class KeyFileExistsError(Exception):
+    """A key file to write is already there: key files are never overwritten."""
+
+    code = "key_file_exists"
+
+
+def write_key_files(layout: dict[Path, str]) -> None:
+    """Write each key file (mode 0600), or none at all if any of them exists: a key file is never overwritten."""
+    present = [str(path) for path in layout if path.exists()]
+    if present:
+        raise KeyFileExistsError(
+            f"refusing to overwrite {', '.join(present)}: key files are never overwritten; to rotate, give new ids "
+            "(--kid k2 --encryption-kid e2), or write to another --dir"
+        )
+    for path, text in layout.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(text)
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from provider.protocol import generate_encryption_key, generate_keypair
 
@@ -60,10 +80,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         **{root / "verify" / name: files[name] for name in (public_names or [private_name])},
         **{root / "sealing" / name: text for name, text in sealing.files().items()},
     }
-    for path, text in layout.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        path.chmod(0o600)
+    write_key_files(layout)
     algorithm = "HS256" if args.kind == "hs256" else {"ed25519": "EdDSA", "rs256": "RS256", "es256": "ES256"}[args.kind]
     console.print(f"# keys written under {root}/ (signing/: producers only; verify/: workers; sealing/: both)")
     console.print(f"VLLM_FLEET_SECURITY__ALGORITHM={algorithm}")
