@@ -19,9 +19,9 @@ fleet: install
 	bash scripts/services.sh redis
 	$(BIN)/python scripts/fleet.py up --sample
 
-## Stop what `make fleet` started.
+## Stop what `make fleet` started (standard library only: works before `make install`, on a fresh clone).
 stop:
-	$(BIN)/python scripts/fleet.py down
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/fleet.py down
 
 ## Every check: lint, types, and the whole test suite against real Redis, RabbitMQ and the simulator.
 test: install

@@ -18,7 +18,13 @@ from provider.models import EmbedRequest
 from provider.offerings import Offering, normalize_capabilities, offerings_for_instance
 from provider.settings import InstanceSettings, Settings, normalize_base_url
 
-__all__ = ["EMBEDDING_PROBE_TIMEOUT_S", "discover_offerings", "instances_to_serve", "localhost_instance_name"]
+__all__ = [
+    "EMBEDDING_PROBE_TIMEOUT_S",
+    "discover_offerings",
+    "instances_to_serve",
+    "localhost_instance_name",
+    "no_instances_reason",
+]
 
 log = logging.getLogger("provider.discovery")
 
@@ -40,6 +46,20 @@ def instances_to_serve(settings: Settings) -> list[InstanceSettings]:
         log.info("found a vLLM server on %s", local_url)
         instances.append(InstanceSettings(name=localhost_instance_name(), base_url=local_url))
     return instances
+
+
+def no_instances_reason(settings: Settings) -> str:
+    """Why a worker has nothing to serve, and how to configure it."""
+    found = (
+        f"no vLLM answers on {normalize_base_url(settings.localhost_url)}"
+        if settings.probe_localhost
+        else "probing localhost is off (VLLM_FLEET_PROBE_LOCALHOST=false)"
+    )
+    configured = "has no enabled instance with a base_url" if settings.instances else "is empty"
+    return (
+        f"no vLLM instance to serve: VLLM_FLEET_INSTANCES {configured} and {found}; set for example "
+        """VLLM_FLEET_INSTANCES='{"gpu-1": {"base_url": "http://HOST:8000", "concurrency": 16}}'"""
+    )
 
 
 _probed: dict[tuple[str, str], bool] = {}

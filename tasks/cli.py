@@ -47,6 +47,12 @@ _MANAGEMENT_HEADROOM = 2
 _PIPED_WIDTH = 400
 
 
+class NoInstancesError(Exception):
+    """``vllm-fleet worker`` with no vLLM instance to serve."""
+
+    code = "no_instances"
+
+
 class KeyFileExistsError(Exception):
     """A key file to write is already there: key files are never overwritten."""
 
@@ -140,15 +146,17 @@ def worker_concurrency() -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from provider.discovery import instances_to_serve, no_instances_reason
     from provider.settings import get_settings
 
     settings = get_settings()
+    instances = instances_to_serve(settings)
+    if not instances:
+        raise NoInstancesError(no_instances_reason(settings))
     processes = args.processes or settings.worker_processes
     if processes > 1 and settings.worker_process_index == 0:
-        from provider.discovery import instances_to_serve
         from tasks.process_group import run_worker_group
 
-        instances = instances_to_serve(settings)
         return run_worker_group(
             processes, instances, hostname=args.hostname, loglevel=args.loglevel, concurrency=args.concurrency
         )

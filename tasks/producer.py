@@ -100,12 +100,35 @@ def _validated_params(operation: str, params: dict[str, Any]) -> tuple[str | Non
     try:
         parsed = model_cls.model_validate(params)
     except ValidationError as exc:
-        fields = ", ".join(".".join(str(p) for p in err["loc"]) or "request" for err in exc.errors())
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise FleetError(
-            f"invalid {operation} request: check {fields}", code="invalid_request", retryable=False
+            f"invalid {operation} request: {problems}",
+            code="invalid_request",
+            retryable=False,
+            metadata={"field": ".".join(str(p) for p in exc.errors()[0]["loc"])},
         ) from None
     model = getattr(parsed, "model", None)
     return model, parsed.model_dump(mode="json", exclude_none=True)
+
+
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "above")}
+
+
+def _problem(error: Any) -> str:
+    """One validation error as a user can act on it: the field, what is wrong, never the text it was given."""
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
+    if field == "messages" and kind == "too_short":
+        return 'messages is empty: give at least one message, e.g. [{"role": "user", "content": "Hi"}]'
+    if kind in _BOUNDS:
+        name, words = _BOUNDS[kind]
+        shown = f" (got {given})" if isinstance(given, int | float) and not isinstance(given, bool) else ""
+        return f"{field} must be {words} {ctx.get(name)}{shown}"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "extra_forbidden":
+        return f"{field} is not a field of this request"
+    return f"{field}: {error['msg']}"
 
 
 class FleetResult(AsyncResult):  # type: ignore[type-arg]

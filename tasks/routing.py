@@ -152,7 +152,8 @@ def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRunti
     eligible = [o for o in offerings if o.eligible_for(usage_type=usage, required_capabilities=required)]
     if not eligible:
         raise FleetError(
-            f"model {model!r} has no live offering for {operation} with {', '.join(required) or usage}",
+            f"model {model!r} has no live offering that supports {' and '.join(required) or usage} "
+            f"(its offerings are for {', '.join(sorted({o.usage_type for o in offerings}))})",
             code="no_fleet_queue",
             retryable=False,
         )

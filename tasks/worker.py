@@ -26,7 +26,7 @@ from celery import bootsteps
 
 from provider.capacity import CapacityGate
 from provider.client import VllmClient
-from provider.discovery import discover_offerings, instances_to_serve
+from provider.discovery import discover_offerings, instances_to_serve, no_instances_reason
 from provider.errors import ProviderError
 from provider.event_bus import EventBus, events_bus_for
 from provider.events import RegistryEvent, RegistryEventError
@@ -428,6 +428,8 @@ class FleetConsumerStep(bootsteps.StartStopStep):
         _fleet.hostname = c.hostname
         _fleet.consuming = set(names)
         log.info("fleet worker consuming %s", ", ".join(names) or "nothing")
+        if not _fleet.instances:
+            log.warning("%s", no_instances_reason(_fleet.rt.settings))
 
     def shutdown(self, c: Any) -> None:
         """Stop the heartbeat and close clients when the worker stops."""
