@@ -23,9 +23,10 @@ fleet: install
 stop:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/fleet.py down
 
-## Every check: lint, types, and the whole test suite against real Redis, RabbitMQ and the simulator.
+## Every check: lint, types, and the whole test suite against real Redis, RabbitMQ and the simulator
+## (installs what the tests need where missing: Redis, RabbitMQ, a Compose client to validate docker-compose.yml).
 test: install
-	bash scripts/services.sh redis rabbitmq
+	bash scripts/services.sh redis rabbitmq compose
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

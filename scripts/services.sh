@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the local Redis and/or RabbitMQ answer; start them (installing with apt-get if missing) when not.
+# `compose`: make sure a Compose client is installed (tests/ops/test_compose.py validates docker-compose.yml with
+# it, offline; no Docker engine needed): the `docker compose` plugin, else Debian's docker-compose package.
 set -euo pipefail
 
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
@@ -29,10 +31,17 @@ ensure_rabbitmq() {
   echo "rabbitmq did not start" >&2; return 1
 }
 
+ensure_compose() {
+  docker compose version >/dev/null 2>&1 && return 0
+  command -v docker-compose >/dev/null && return 0
+  apt_install docker-compose
+}
+
 for service in "$@"; do
   case "$service" in
     redis) ensure_redis ;;
     rabbitmq) ensure_rabbitmq ;;
+    compose) ensure_compose ;;
     *) echo "unknown service $service" >&2; exit 2 ;;
   esac
 done

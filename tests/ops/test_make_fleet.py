@@ -243,3 +243,30 @@ def test_simulator_on_a_busy_port_exits_without_announcing_ready() -> None:
     assert done.returncode != 0
     assert "vllm-sim ready" not in done.stdout + done.stderr
     assert "address already in use" in done.stderr
+
+
+def test_make_test_installs_a_compose_client_where_none_is(tmp_path: Path) -> None:
+    """`make test` runs scripts/services.sh with `compose`, which apt-installs docker-compose when no client is
+    found (as .ci/run does): test_compose.py's validation then runs on a fresh machine instead of failing."""
+    recipe = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-C", str(ROOT), "test"], capture_output=True, text=True, timeout=60
+    )
+    assert "bash scripts/services.sh redis rabbitmq compose" in recipe.stdout
+    bin_dir = tmp_path / "bin"  # a machine without docker or docker-compose; apt-get records what it was asked
+    bin_dir.mkdir()
+    calls = tmp_path / "apt-calls"
+    for name, body in (("apt-get", f'echo "$*" >> {calls}'), ("id", "echo 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    for tool in ("bash", "sh", "cat", "echo"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))  # type: ignore[arg-type]
+    done = subprocess.run(
+        [str(bin_dir / "bash"), str(ROOT / "scripts" / "services.sh"), "compose"],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == ["update -qq", "install -y -qq docker-compose"]
