@@ -6,9 +6,9 @@
     vllm-fleet chat MODEL "prompt" [--stream]    # submit a chat; --stream prints tokens as they come
     vllm-fleet embed MODEL "text" ...            # submit an embedding
     vllm-fleet offerings | instances | lanes     # what the fleet serves, and lane depths
-    vllm-fleet manage ACTION --instance NAME|all # health, version, sleep, wake_up, reset caches, ...
+    vllm-fleet manage ACTION --instance NAME|all # health, version, sleep, ... as a table (--json: envelopes)
     vllm-fleet discover                          # refresh every instance now
-    vllm-fleet dlq list | requeue [ID] | drop [ID] # the dead-letter queue
+    vllm-fleet dlq list | requeue [ID] | drop ID|--all # the dead-letter queue
     vllm-fleet sim ...                           # start the vLLM simulator (same flags as vllm-sim)
 
 Every command reads the same settings as workers (``VLLM_FLEET_*``, ``VLLM_FLEET_CONFIG``). Errors print one
@@ -45,6 +45,13 @@ _MANAGEMENT_ACTIONS = (
 )
 _MANAGEMENT_HEADROOM = 2
 _PIPED_WIDTH = 400
+_INSPECT_TIMEOUT_S = 1.0
+
+
+class DropNeedsAllError(Exception):
+    """``dlq drop`` with neither a task id nor ``--all``."""
+
+    code = "confirmation_required"
 
 
 class NoInstancesError(Exception):
@@ -252,12 +259,25 @@ def _cmd_instances(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_consumers() -> dict[str, int]:
+    """How many running workers consume each queue (one remote-control round; the broker cannot tell on Redis)."""
+    from tasks.app import app
+
+    answers = app.control.inspect(timeout=_INSPECT_TIMEOUT_S).active_queues() or {}
+    counts: dict[str, int] = {}
+    for queues in answers.values():
+        for queue in queues or []:
+            counts[queue["name"]] = counts.get(queue["name"], 0) + 1
+    return counts
+
+
 def _cmd_lanes(args: argparse.Namespace) -> int:
     from tasks.app import app
     from tasks.runtime import runtime
 
     rt = runtime()
     lanes = sorted({o.lane(rt.settings.lanes.style) for o in rt.registry.all()})
+    live = {} if rt.amqp else _live_consumers()
     table = Table("lane", "waiting", "consumers")
     for lane in lanes:
         if rt.amqp:
@@ -266,10 +286,33 @@ def _cmd_lanes(args: argparse.Namespace) -> int:
                 declared = channel.queue_declare(lane, passive=True)
                 waiting, consumers = str(declared.message_count), str(declared.consumer_count)
         else:
-            waiting, consumers = str(rt.lane_depth(lane)), "-"
+            waiting, consumers = str(rt.lane_depth(lane)), str(live.get(lane, 0))
         table.add_row(lane, waiting, consumers)
     console.print(table)
     return 0
+
+
+def _shown(value: Any) -> str:
+    """A management result as one table cell: ``key=value`` pairs, lists joined, anything deeper as JSON."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_shown(item)}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(_shown(item) if isinstance(item, str) else json.dumps(item) for item in value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _answers_table(title: str, answers: dict[str, Any]) -> Table:
+    """``instance → {ok, result | error}`` (what a call on every instance answers) as a table."""
+    table = Table("instance", "ok", "result", title=title)
+    for instance, answer in sorted(answers.items()):
+        if answer.get("ok"):
+            table.add_row(instance, "yes", _shown((answer.get("result") or {}).get("result")))
+        else:
+            error = answer.get("error") or {}
+            table.add_row(instance, "[red]no[/red]", f"{error.get('code')}: {error.get('message')}")
+    return table
 
 
 def _cmd_manage(args: argparse.Namespace) -> int:
@@ -283,7 +326,12 @@ def _cmd_manage(args: argparse.Namespace) -> int:
             params["mode"] = args.mode
     with console.status(f"{args.action} on {args.instance}…"):
         answer = task.delay(**params).get()
-    console.print_json(json.dumps(answer))
+    if args.json:
+        console.print_json(json.dumps(answer))
+    elif args.instance == "all":
+        console.print(_answers_table(args.action, answer))
+    else:
+        console.print(_answers_table(args.action, {args.instance: {"ok": True, "result": answer}}))
     return 0
 
 
@@ -292,7 +340,10 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
     with console.status("refreshing every instance…"):
         answer = discover.delay(instance="all").get()
-    console.print_json(json.dumps(answer))
+    if args.json:
+        console.print_json(json.dumps(answer))
+    else:
+        console.print(_answers_table("discover", answer))
     return 0
 
 
@@ -306,6 +357,10 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         letters = requeue_dead_letters(args.task_id)
         title = "requeued to their lanes"
     else:
+        if not args.task_id and not args.all:
+            raise DropNeedsAllError(
+                "dlq drop without a TASK_ID drops every dead letter: give a TASK_ID, or --all to drop them all"
+            )
         letters = drop_dead_letters(args.task_id)
         title = "dropped"
     table = Table("task id", "task", "lane", "operation", "reason", title=f"{title}: {len(letters)}")
@@ -328,17 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     keys = sub.add_parser("keys", help="generate signing and sealing keys")
-    keys.add_argument("action", choices=["generate"])
-    keys.add_argument("--dir", default="keys")
-    keys.add_argument("--kind", choices=["ed25519", "hs256", "rs256", "es256"], default="ed25519")
-    keys.add_argument("--kid", default="k1")
-    keys.add_argument("--encryption-kid", default="e1")
+    keys.add_argument("action", choices=["generate"], help="generate: write new key files (never overwrites one)")
+    keys.add_argument("--dir", default="keys", help="where to write signing/, verify/ and sealing/ (default: keys)")
+    keys.add_argument(
+        "--kind",
+        choices=["ed25519", "hs256", "rs256", "es256"],
+        default="ed25519",
+        help="signing key type (default: ed25519, i.e. EdDSA)",
+    )
+    keys.add_argument("--kid", default="k1", help="id of the new signing key (default: k1; k2 to rotate)")
+    keys.add_argument("--encryption-kid", default="e1", help="id of the new sealing key (default: e1; e2 to rotate)")
     keys.set_defaults(run=_cmd_keys)
 
     worker = sub.add_parser("worker", help="run a worker for the configured instances")
     worker.add_argument("--concurrency", type=int, default=0, help="threads (default: instances' limits + 2)")
-    worker.add_argument("--hostname", default=os.environ.get("VLLM_FLEET_WORKER_NAME"))
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--hostname",
+        default=os.environ.get("VLLM_FLEET_WORKER_NAME"),
+        help="Celery node name, e.g. gpu-1@%%h (default: VLLM_FLEET_WORKER_NAME, else Celery's)",
+    )
+    worker.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     worker.add_argument(
         "--processes",
         type=int,
@@ -348,47 +412,53 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=_cmd_worker)
 
     beat = sub.add_parser("beat", help="run Celery Beat (exactly one per fleet)")
-    beat.add_argument("--schedule", default="celerybeat-schedule")
-    beat.add_argument("--loglevel", default="INFO")
+    beat.add_argument(
+        "--schedule", default="celerybeat-schedule", help="Beat's state file (default: ./celerybeat-schedule)"
+    )
+    beat.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     beat.set_defaults(run=_cmd_beat)
 
     chat = sub.add_parser("chat", help="submit a chat and print the answer")
-    chat.add_argument("model")
-    chat.add_argument("prompt")
-    chat.add_argument("--system")
-    chat.add_argument("--max-tokens", type=int, default=0)
+    chat.add_argument("model", help="a served model name or alias (`vllm-fleet offerings` lists them)")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--system", help="a system message before the prompt")
+    chat.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: the server's)")
     chat.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     chat.add_argument("--no-think", action="store_true", help="turn thinking off for this request")
     chat.add_argument("--json", action="store_true", help="print the whole response envelope")
     chat.set_defaults(run=_cmd_chat)
 
     embed = sub.add_parser("embed", help="submit an embedding")
-    embed.add_argument("model")
-    embed.add_argument("texts", nargs="+")
+    embed.add_argument("model", help="an embedding model (`vllm-fleet offerings` lists them)")
+    embed.add_argument("texts", nargs="+", help="one or more texts, one vector each")
     embed.set_defaults(run=_cmd_embed)
 
     for name, run, text in (
         ("offerings", _cmd_offerings, "list live offerings"),
         ("instances", _cmd_instances, "list live instances"),
         ("lanes", _cmd_lanes, "lanes with their waiting messages and consumers"),
-        ("discover", _cmd_discover, "refresh every instance now"),
     ):
         sub.add_parser(name, help=text).set_defaults(run=run)
+    discover = sub.add_parser("discover", help="refresh every instance now")
+    discover.add_argument("--json", action="store_true", help="print every instance's whole response envelope")
+    discover.set_defaults(run=_cmd_discover)
 
     manage = sub.add_parser("manage", help="a management call on one instance or all")
-    manage.add_argument("action", choices=_MANAGEMENT_ACTIONS)
-    manage.add_argument("--instance", default="all")
-    manage.add_argument("--level", type=int, default=1)
-    manage.add_argument("--mode", choices=["abort", "wait", "keep"])
+    manage.add_argument("action", choices=_MANAGEMENT_ACTIONS, help="the vLLM management call")
+    manage.add_argument("--instance", default="all", help="an instance name, or all (default)")
+    manage.add_argument("--level", type=int, default=1, help="sleep level: 1 offloads weights, 2 discards them")
+    manage.add_argument("--mode", choices=["abort", "wait", "keep"], help="sleep: what to do with running requests")
+    manage.add_argument("--json", action="store_true", help="print the whole response envelope")
     manage.set_defaults(run=_cmd_manage)
 
     dlq = sub.add_parser("dlq", help="inspect the dead-letter queue; requeue or drop what is in it")
-    dlq.add_argument("action", choices=["list", "requeue", "drop"])
-    dlq.add_argument("task_id", nargs="?", help="one task (default: all)")
+    dlq.add_argument("action", choices=["list", "requeue", "drop"], help="list, requeue to their lanes, or drop")
+    dlq.add_argument("task_id", nargs="?", help="one task (default: all; drop needs --all for that)")
+    dlq.add_argument("--all", action="store_true", help="drop: confirm dropping every dead letter")
     dlq.set_defaults(run=_cmd_dlq)
 
     sim = sub.add_parser("sim", help="start the vLLM simulator", add_help=False)
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER, help="vllm-sim's own flags (vllm-sim --help)")
     sim.set_defaults(run=_cmd_sim)
     return parser
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,9 +52,9 @@ def test_everyday_commands(fleet: Fleet, capsys: pytest.CaptureFixture[str], tmp
     assert main(["lanes"]) == 0
     assert "llm.fleet.inference.small-chat.ctx4096" in capsys.readouterr().out
     assert main(["manage", "version", "--instance", "sim-a"]) == 0
-    assert '"version"' in capsys.readouterr().out
+    assert "version=" in capsys.readouterr().out
     assert main(["manage", "health"]) == 0
-    assert '"sim-a"' in capsys.readouterr().out
+    assert "sim-a" in capsys.readouterr().out
     assert main(["discover"]) == 0
     assert "vllm:sim-a:embedding:minilm" in capsys.readouterr().out
     assert main(["dlq", "list"]) == 0
@@ -97,7 +99,67 @@ def test_dead_letters_are_listed_requeued_and_dropped(fleet: Fleet, capsys: pyte
     assert main(["dlq", "requeue", keep]) == 0
     assert keep in capsys.readouterr().out
     assert chat.AsyncResult(keep).get(timeout=20)["content"] == "from the dead"
-    assert main(["dlq", "drop"]) == 0
+    assert main(["dlq", "drop"]) == 1  # dropping everything needs --all
+    assert "give a TASK_ID, or --all to drop them all" in capsys.readouterr().err
+    assert main(["dlq", "list"]) == 0
+    assert drop in capsys.readouterr().out
+    assert main(["dlq", "drop", "--all"]) == 0
     assert drop in capsys.readouterr().out
     assert main(["dlq", "list"]) == 0
     assert drop not in capsys.readouterr().out
+
+
+def _row(out: str, first_cell: str) -> list[str]:
+    """The cells of the table row that starts with ``first_cell``."""
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{out}")
+
+
+def test_manage_and_discover_print_a_table_and_json_prints_the_envelope(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasks.cli import main
+
+    assert main(["manage", "is_sleeping", "--instance", "sim-a"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "sim-a") == ["sim-a", "yes", "is_sleeping=no"]
+    assert "message_type" not in out
+    assert main(["manage", "health"]) == 0
+    assert _row(capsys.readouterr().out, "sim-a") == ["sim-a", "yes", "live=yes"]
+    assert main(["manage", "version", "--instance", "sim-a", "--json"]) == 0
+    envelope = json.loads(capsys.readouterr().out)
+    assert envelope["message_type"] == "llm.fleet.response"
+    assert envelope["result"]["version"]
+    assert main(["discover"]) == 0
+    cells = _row(capsys.readouterr().out, "sim-a")
+    assert cells[:2] == ["sim-a", "yes"]
+    assert cells[2].startswith("live=yes, offerings=")
+    assert "vllm:sim-a:embedding:minilm" in cells[2]
+    assert main(["discover", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sim-a"]["result"]["message_type"] == "llm.fleet.response"
+
+
+def test_lanes_count_live_consumers(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    from tasks.cli import main
+
+    assert main(["lanes"]) == 0
+    cells = _row(capsys.readouterr().out, "llm.fleet.inference.small-chat.ctx4096")
+    assert int(cells[2]) >= 1, cells  # the session's worker consumes it (not "-")
+
+
+def test_every_option_has_help_text() -> None:
+    from tasks.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+    assert {choice.dest for choice in subparsers._choices_actions if not choice.help} == set()
