@@ -62,9 +62,13 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 RABBITMQ_CONF = ROOT / "docker" / "rabbitmq.conf"
 BIN = Path(sys.executable).parent
 
-SECRETS = {"RABBITMQ_PASSWORD": "opsPw0a1b2c3d4", "FLOWER_BASIC_AUTH": "ops:flowerPw9z8y"}
+SECRETS = {
+    "RABBITMQ_PASSWORD": "opsPw0a1b2c3d4",
+    "REDIS_PASSWORD": "redisPw5e6f7g8h",
+    "FLOWER_BASIC_AUTH": "ops:flowerPw9z8y",
+}
 COMPOSE_ENV = {"RABBITMQ_USER": "opsuser", **SECRETS}
-REQUIRED_VARIABLES = ("RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH")
+REQUIRED_VARIABLES = ("RABBITMQ_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH")
 ALL_SERVICES = {"redis", "rabbitmq", "keys", "simulator", "vllm", "worker-chat", "worker-embed", "worker-gpu"}
 ALL_SERVICES |= {"beat", "flower"}
 PROJECT_SERVICES = {"keys", "simulator", "worker-chat", "worker-embed", "worker-gpu", "beat", "flower"}
@@ -220,7 +224,7 @@ def test_compose_client_validates_the_file(profiles: tuple[str, ...], tmp_path: 
         assert command(body) == command(ours[name]), name
         assert environment(body) == environment(ours[name]), name
 
-    env_file.write_text("FLOWER_BASIC_AUTH=a:b\n")
+    env_file.write_text("FLOWER_BASIC_AUTH=a:b\nREDIS_PASSWORD=r\n")
     missing = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, timeout=60, env=clean)
     assert missing.returncode != 0
     assert "RABBITMQ_PASSWORD" in missing.stderr + missing.stdout
@@ -248,7 +252,10 @@ def test_services_profiles_and_images() -> None:
             assert service.get("restart") == "unless-stopped", name
     assert services["keys"]["restart"] == "no"
     assert services["redis"]["image"].startswith("redis:")
-    assert command(services["redis"])[:3] == ["redis-server", "--appendonly", "yes"]
+    script = command(services["redis"])
+    assert script[:2] == ["sh", "-c"]
+    assert script[2].startswith('exec redis-server --appendonly yes --appendfsync everysec --save ""')
+    assert '--requirepass "${REDIS_PASSWORD}" "$@"' in script[2]  # the password never is an argument of sh
     repository, tag = services["rabbitmq"]["image"].split(":")
     version = tuple(int(part) for part in re.findall(r"\d+", tag)[:2])
     assert repository == "rabbitmq"
@@ -271,6 +278,101 @@ def test_vllm_runs_on_a_gpu_in_its_profile() -> None:
     assert raw[raw.index("--served-model-name") + 1].startswith("${VLLM_SERVED_MODEL_NAME")
     chosen = load_compose({**COMPOSE_ENV, "VLLM_MODEL": "org/m", "VLLM_SERVED_MODEL_NAME": "m"}, ("gpu",))["vllm"]
     assert command(chosen)[:3] == ["org/m", "--served-model-name", "m"]
+
+
+SECOND_HOST = {"FLEET_BROKER_HOST": "10.0.0.1", "FLEET_REDIS_HOST": "10.0.0.1", "GPU_INSTANCE_NAME": "gpu-2"}
+
+
+def _published(service: dict[str, Any]) -> dict[str, str]:
+    """Container port → the host address it is published on."""
+    return {entry.rsplit(":", 1)[1]: entry.split(":")[0] for entry in service.get("ports") or []}
+
+
+def test_brokers_are_published_on_fleet_bind_address_and_flower_stays_on_loopback() -> None:
+    services = load_compose(profiles=("gpu",))
+    assert _published(services["redis"]) == {"6379": "127.0.0.1"}
+    assert _published(services["rabbitmq"]) == {"5672": "127.0.0.1", "15672": "127.0.0.1"}
+    assert _published(services["flower"]) == {"5555": "127.0.0.1"}
+    shared = load_compose({**COMPOSE_ENV, "FLEET_BIND_ADDRESS": "10.0.0.1"}, ("gpu",))
+    assert _published(shared["redis"]) == {"6379": "10.0.0.1"}
+    assert _published(shared["rabbitmq"]) == {"5672": "10.0.0.1", "15672": "127.0.0.1"}
+    assert _published(shared["flower"]) == {"5555": "127.0.0.1"}
+    # a broker published beyond loopback always asks for a password
+    assert environment(shared["redis"])["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert environment(shared["rabbitmq"])["RABBITMQ_DEFAULT_PASS"] == SECRETS["RABBITMQ_PASSWORD"]
+
+
+def test_a_second_gpu_host_runs_vllm_and_its_worker_against_the_first_hosts_brokers() -> None:
+    from provider.settings import Settings
+
+    remote = load_compose({**COMPOSE_ENV, **SECOND_HOST}, ("gpu",))
+    env = environment(remote["worker-gpu"])
+    user, password = COMPOSE_ENV["RABBITMQ_USER"], SECRETS["RABBITMQ_PASSWORD"]
+    redis_password = SECRETS["REDIS_PASSWORD"]
+    assert env["VLLM_FLEET_BROKER_URL"] == f"amqp://{user}:{password}@10.0.0.1:5672//"
+    assert env["VLLM_FLEET_RESULT_BACKEND"] == f"redis://:{redis_password}@10.0.0.1:6379/1"
+    assert env["VLLM_FLEET_REDIS_URL"] == f"redis://:{redis_password}@10.0.0.1:6379/2"
+    instances = json.loads(env["VLLM_FLEET_INSTANCES"])
+    assert list(instances) == ["gpu-2"]
+    assert instances["gpu-2"]["base_url"] == "http://vllm:8000"
+    assert instances["gpu-2"]["model_capabilities"] == {"qwen3-0-6b": ["tools", "thinking"]}
+    settings = Settings.model_validate(
+        {"instances": instances, "broker_url": env["VLLM_FLEET_BROKER_URL"], "redis_url": env["VLLM_FLEET_REDIS_URL"]}
+    )
+    assert settings.instances["gpu-2"].base_url == "http://vllm:8000"
+    # the worker's vLLM runs beside it on the second host; nothing else needs to run there
+    assert set(remote["worker-gpu"]["depends_on"]) >= {"vllm"}
+    local = environment(load_compose(profiles=("gpu",))["worker-gpu"])
+    assert local["VLLM_FLEET_BROKER_URL"] == f"amqp://{user}:{password}@rabbitmq:5672//"
+    assert local["VLLM_FLEET_REDIS_URL"] == f"redis://:{redis_password}@redis:6379/2"
+
+
+def test_vllm_serves_a_qwen3_class_model_with_its_parsers_and_a_long_health_window() -> None:
+    vllm = load_compose(profiles=("gpu",))["vllm"]
+    argv = command(vllm)
+    assert argv[argv.index("--reasoning-parser") + 1] == "qwen3"
+    assert "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes"
+    assert vllm["image"] == "vllm/vllm-openai:v0.32.0"  # the release tests/data/vllm/ was recorded from
+    window = vllm["healthcheck"]["start_period"]
+    assert window == "1800s"
+    other = {**COMPOSE_ENV, "VLLM_REASONING_PARSER": "deepseek_r1", "VLLM_TOOL_CALL_PARSER": "llama3_json"}
+    other["VLLM_START_PERIOD"] = "3600s"
+    changed = load_compose(other, ("gpu",))["vllm"]
+    argv = command(changed)
+    assert argv[argv.index("--reasoning-parser") + 1] == "deepseek_r1"
+    assert argv[argv.index("--tool-call-parser") + 1] == "llama3_json"
+    assert changed["healthcheck"]["start_period"] == "3600s"
+
+
+def test_compose_client_validates_the_second_host_recipe(tmp_path: Path) -> None:
+    cli = compose_cli()
+    if cli is None:
+        message = "no Compose client here (`docker compose` plugin or Debian's docker-compose package)"
+        if IN_CI:
+            pytest.fail(message + " (make test installs docker-compose)")
+        pytest.skip(message)
+    env_file = tmp_path / "compose.env"
+    values = {**COMPOSE_ENV, **SECOND_HOST, "FLEET_BIND_ADDRESS": "10.0.0.2"}
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+    clean = {k: v for k, v in os.environ.items() if k not in values and not k.startswith("COMPOSE_")}
+    base = [*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT)]
+    rendered = subprocess.run(
+        [*base, "--profile", "gpu", "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean,
+        cwd=tmp_path,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    worker = environment(services["worker-gpu"])
+    assert "@10.0.0.1:5672//" in worker["VLLM_FLEET_BROKER_URL"]
+    assert "@10.0.0.1:6379/2" in worker["VLLM_FLEET_REDIS_URL"]
+    assert '"gpu-2"' in worker["VLLM_FLEET_INSTANCES"]
+    published = [str(port.get("host_ip") if isinstance(port, dict) else port) for port in services["redis"]["ports"]]
+    assert any("10.0.0.2" in entry for entry in published), published
 
 
 def test_healthchecks_gate_every_dependency() -> None:
@@ -636,14 +738,21 @@ def test_redis_command_and_healthcheck(tmp_path: Path) -> None:
     port = _free_port()
     loop = Loopback(services, tmp_path, "", "", "", {("redis", 6379): port})
     argv = [*command(services["redis"]), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        argv, cwd=tmp_path, env=loop.env("redis"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_until(lambda: loop.healthcheck("redis").returncode == 0, "redis answering its healthcheck")
-        client = redis.Redis(host="127.0.0.1", port=port)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+        client = redis.Redis(host="127.0.0.1", port=port, password=SECRETS["REDIS_PASSWORD"])
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         client.set("ops", "1")
         wait_until(lambda: any(tmp_path.rglob("*.aof")), "an append-only file")
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline
+        assert SECRETS["REDIS_PASSWORD"].encode() not in cmdline  # the process list never shows it
     finally:
         process.terminate()
         process.wait(timeout=10)
