@@ -64,13 +64,13 @@ def build_app(
         client: redis.Redis = clients["redis"]
         return client
 
-    @peer.task(name=CHAT_TASK)
+    @peer.task(name=CHAT_TASK, shared=False)
     def chat(body: dict[str, Any]) -> Any:
         response = vllm().post("/v1/chat/completions", json=body)
         response.raise_for_status()
         return response.json()
 
-    @peer.task(name=STREAM_TASK)
+    @peer.task(name=STREAM_TASK, shared=False)
     def stream_chat(body: dict[str, Any], stream_key: str) -> None:
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
         with vllm().stream("POST", "/v1/chat/completions", json=payload) as response:
