@@ -153,7 +153,9 @@ def monitor_requests(worker_pid: int, requests: int = MONITOR_REQUESTS) -> dict[
             monitor.wait(10)
     text = out_path.read_text(errors="replace")
     out_path.unlink(missing_ok=True)
-    return count_commands(text, ports, {str(db) for db in (BROKER_DB, BACKEND_DB, STATE_DB)}, requests)
+    counted = count_commands(text, ports, {str(db) for db in (BROKER_DB, BACKEND_DB, STATE_DB)}, requests)
+    counted["databases"] = {"broker": BROKER_DB, "results": BACKEND_DB, "state": STATE_DB}
+    return counted
 
 
 def profile_worker(broker_url: str, seconds: float, sanity: Any) -> dict[str, Any] | None:
