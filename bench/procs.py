@@ -318,16 +318,40 @@ def rabbit_vhost(vhost: str, host: str = "127.0.0.1", port: int = 5672) -> Itera
         _rabbitmqctl("delete_vhost", vhost, check=False)
 
 
+SERVER_PORTS = {"redis": 6379, "rabbitmq": 5672}
+
+
+def _listens_on(proc: psutil.Process, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == port for conn in proc.net_connections())
+    return False
+
+
 def server_pids() -> dict[str, list[int]]:
-    """Process ids of the Redis and RabbitMQ servers on this machine (for their CPU figures)."""
+    """Process ids of the Redis and RabbitMQ servers the benchmark uses (those listening on the default ports:
+    private brokers that tests start on other ports are not counted)."""
     found: dict[str, list[int]] = {"redis": [], "rabbitmq": []}
     for proc in psutil.process_iter(["name"]):
         name = proc.info.get("name") or ""
-        if name.startswith("redis-server"):
-            found["redis"].append(proc.pid)
-        elif name in ("beam.smp", "beam"):
-            found["rabbitmq"].append(proc.pid)
+        kind = "redis" if name.startswith("redis-server") else "rabbitmq" if name in ("beam.smp", "beam") else None
+        if kind is not None and _listens_on(proc, SERVER_PORTS[kind]):
+            found[kind].append(proc.pid)
     return found
+
+
+def _cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    readings: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            readings[pid] = times.user + times.system
+    return readings
+
+
+def _used(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU seconds between two readings, counting only processes present in both (one that ended or was
+    replaced between them would otherwise count negative)."""
+    return sum(max(0.0, end[pid] - start[pid]) for pid in start.keys() & end.keys())
 
 
 class CpuMeter:
@@ -336,8 +360,8 @@ class CpuMeter:
     def __init__(self, groups: Mapping[str, Sequence[int]], details: Mapping[str, Sequence[int]] | None = None) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
         self.details = {name: list(pids) for name, pids in (details or {}).items()}
-        self._start: dict[str, float] = {}
-        self._details_start: dict[str, float] = {}
+        self._start: dict[str, dict[int, float]] = {}
+        self._details_start: dict[str, dict[int, float]] = {}
         self._machine_start: Any = None
         self._t0 = 0.0
         self.wall_s = 0.0
@@ -348,8 +372,8 @@ class CpuMeter:
         """Take the first reading."""
         self._t0 = time.monotonic()
         self._machine_start = psutil.cpu_times()
-        self._start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
-        self._details_start = {name: cpu_seconds(pids) for name, pids in self.details.items()}
+        self._start = {name: _cpu_by_pid(pids) for name, pids in self.groups.items()}
+        self._details_start = {name: _cpu_by_pid(pids) for name, pids in self.details.items()}
 
     def stop(self) -> dict[str, float]:
         """Cores busy per group over the interval, plus ``machine`` (all processes), ``other`` and ``idle``
@@ -357,7 +381,7 @@ class CpuMeter:
         wall = self.wall_s = time.monotonic() - self._t0
         machine = psutil.cpu_times()
         result = {
-            name: (cpu_seconds(pids) - self._start[name]) / wall if wall > 0 else 0.0
+            name: _used(self._start[name], _cpu_by_pid(pids)) / wall if wall > 0 else 0.0
             for name, pids in self.groups.items()
         }
         idle_s = (machine.idle - self._machine_start.idle) + (
@@ -370,7 +394,7 @@ class CpuMeter:
         result["other"] = max(0.0, result["machine"] - known)
         self.result = result
         self.detail_result = {
-            name: (cpu_seconds(pids) - self._details_start[name]) / wall if wall > 0 else 0.0
+            name: _used(self._details_start[name], _cpu_by_pid(pids)) / wall if wall > 0 else 0.0
             for name, pids in self.details.items()
         }
         return result

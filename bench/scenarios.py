@@ -153,6 +153,7 @@ class Peer:
     worker: PeerWorker
     app: Any
     broker_url: str
+    result_backend: str
 
     def chat(self, model: str, index: int, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
         """``chat.delay(body).get()``: one chat through the peer."""
@@ -186,7 +187,8 @@ def _wait_for_peer(peer: Peer, model: str) -> None:
 @contextmanager
 def _peer(broker_url: str, sim: Simulator, name: str, concurrency: int, processes: int = 1) -> Iterator[Peer]:
     worker = start_peer_worker(peer_env(broker_url, sim.url, concurrency), name, concurrency, processes)
-    peer = Peer(worker, build_app(broker_url, f"{REDIS_BASE}/{BACKEND_DB}"), broker_url)
+    backend = f"{REDIS_BASE}/{BACKEND_DB}"
+    peer = Peer(worker, build_app(broker_url, backend), broker_url, backend)
     try:
         _wait_for_peer(peer, CHAT_MODEL)
         yield peer
@@ -388,7 +390,7 @@ def _run_load(
                 "max_tokens": MAX_TOKENS,
             }
             if peer is not None:
-                config |= {"broker_url": peer.broker_url, "result_backend": f"{REDIS_BASE}/{BACKEND_DB}"}
+                config |= {"broker_url": peer.broker_url, "result_backend": peer.result_backend}
             assert proc.process.stdin is not None
             proc.process.stdin.write(json.dumps(config) + "\n")
             proc.process.stdin.flush()
