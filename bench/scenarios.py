@@ -430,6 +430,11 @@ def _run_load(
     done = max(1, completed)
     return {
         "requests_per_s": {"value": rate(completed, seconds), "unit": "req/s"},
+        "closed_loop_requests_per_s": {
+            "value": callers / (sum(latencies) / len(latencies) / 1000.0) if latencies else 0.0,
+            "unit": "req/s",
+            "method": "Little's law for closed-loop callers: N / mean latency (no quantization to whole rounds)",
+        },
         "completed": completed,
         "latency_ms": summarize(latencies),
         "cpu_cores": _cores_figure(cpu),

@@ -14,7 +14,7 @@ from bench.__main__ import saturation_notes
 from bench.fleet import bench_databases
 from bench.load import check_answer
 from bench.procs import process_shares
-from bench.profile import collapse, count_commands
+from bench.profile import areas, collapse, count_commands
 from bench.report import evaluate_targets, fmt, render_markdown
 from bench.scenarios import Sanity
 from bench.stats import cores_used, gaps_ms, paired_differences, percentile, rate, summarize
@@ -307,3 +307,22 @@ def test_quick_runs_write_outside_the_committed_report(tmp_path: Path) -> None:
     for path in (QUICK_RESULTS_FILE, QUICK_TABLE_FILE):
         ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=RESULTS_FILE.parents[2], check=False)
         assert ignored.returncode == 0, f"{path} is not git-ignored"  # a quick run never dirties the tree
+
+
+def test_areas_attribute_samples_to_the_package_of_the_innermost_frame() -> None:
+    raw = "\n".join(
+        [
+            "Thread.run (threading.py:1);execute (tasks/execution.py:10);send (redis/connection.py:9) 50",
+            "Thread.run (threading.py:1);execute (tasks/execution.py:10);verify (jwt/algorithms.py:5) 20",
+            "Thread.run (threading.py:1);execute (tasks/execution.py:12) 20",
+            "Thread.run (threading.py:1);mystery (somewhere/else.py:3) 10",
+        ]
+    )
+    shares = areas(raw)["shares"]
+    assert shares == {
+        "Redis client (redis-py)": 50.0,
+        "signing, sealing (PyJWT, cryptography)": 20.0,
+        "the fleet's own code (tasks/, provider/)": 20.0,
+        "other": 10.0,
+    }
+    assert areas("") == {"unit": "percent of on-CPU samples", "samples": 0, "shares": {}}
