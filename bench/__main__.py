@@ -1,7 +1,9 @@
 """``python -m bench --mode quick|full``: run every measurement, write the JSON and the Markdown table.
 
-Exits 0 only when every request succeeded with the right answer (targets missed do not fail the run: they
-are reported). ``--render-only`` re-renders ``docs/benchmarks.md`` from ``bench/results/latest.json``.
+A full run writes ``bench/results/latest.json`` and ``docs/benchmarks.md`` (the committed report); a quick run
+(CI's) writes ``.run/bench/quick.json`` and ``.run/bench/quick.md`` unless ``--results``/``--table`` say
+otherwise. Exits 0 only when every request succeeded with the right answer (targets missed do not fail the run:
+they are reported). ``--render-only`` re-renders ``docs/benchmarks.md`` from ``bench/results/latest.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS_FILE, TABLE_FILE
+from bench import QUICK_RESULTS_FILE, QUICK_TABLE_FILE, RESULTS_FILE, TABLE_FILE
 from bench.fleet import BACKEND_DB, BROKER_DB, REDIS_BASE, STATE_DB, VHOST
 from bench.procs import flush_redis, install_signal_handlers, rabbit_vhost, stop_all
 from bench.profile import profile_worker
@@ -40,11 +42,11 @@ MODES: dict[str, dict[str, Any]] = {
         "codec_seconds": 1.5,
         "codec_rounds": 3,
         "overhead_requests": 300,
-        "levels": [1, 8, 64],
+        "levels": [8, 64],
         "window_s": 3.0,
         "rabbit_overhead_requests": 150,
-        "rabbit_levels": [1, 8, 64],
-        "streams": 15,
+        "rabbit_levels": [8, 64],
+        "streams": 10,
         "relay_tokens": 20_000,
         "lane_counts": [1, 10, 100],
         "lane_requests": 100,
@@ -244,6 +246,10 @@ def run(mode: str, *, profile: bool) -> dict[str, Any]:
 
 def write(report: dict[str, Any], results_file: Path = RESULTS_FILE, table_file: Path = TABLE_FILE) -> None:
     """Write the JSON document and the Markdown rendered from it."""
+    root = RESULTS_FILE.parents[2]
+    report["results_file"] = str(
+        results_file.resolve().relative_to(root) if results_file.resolve().is_relative_to(root) else results_file
+    )
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     table_file.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="sample the worker with py-spy during a sequential run (skipped when py-spy is missing)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE)
-    parser.add_argument("--table", type=Path, default=TABLE_FILE)
+    parser.add_argument("--results", type=Path, help="the JSON file (default: by mode, see above)")
+    parser.add_argument("--table", type=Path, help="the Markdown file (default: by mode, see above)")
     args = parser.parse_args(argv)
+    full = args.mode == "full" or args.render_only
+    args.results = args.results or (RESULTS_FILE if full else QUICK_RESULTS_FILE)
+    args.table = args.table or (TABLE_FILE if full else QUICK_TABLE_FILE)
     if args.render_only:
         report = json.loads(args.results.read_text())
         saturation, summary = saturation_notes(report["results"], int(report["machine"].get("cores") or 1))

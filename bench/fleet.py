@@ -1,11 +1,13 @@
 """Settings and start-up of the fleet under test: one worker process beside one simulator.
 
-The benchmark owns Redis databases 13 (broker), 14 (results) and 15 (shared state), a key prefix per
-worker start, and the RabbitMQ vhost ``vllm-fleet-bench``; nothing else on the servers is touched.
+The benchmark owns three Redis databases (broker, results, shared state: 13, 14 and 15 unless
+``VFT_BENCH_DBS`` names others, e.g. ``VFT_BENCH_DBS=40,41,42``), a key prefix per worker start, and the
+RabbitMQ vhost ``vllm-fleet-bench``; nothing else on the servers is touched. It flushes its databases.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ __all__ = [
     "STATE_DB",
     "VHOST",
     "FleetUnderTest",
+    "bench_databases",
     "bench_security",
     "bench_settings",
     "chat_messages",
@@ -33,7 +36,24 @@ __all__ = [
 ]
 
 REDIS_BASE = "redis://127.0.0.1:6379"
-BROKER_DB, BACKEND_DB, STATE_DB = 13, 14, 15
+DEFAULT_DBS = (13, 14, 15)
+
+
+def bench_databases(text: str | None = None) -> tuple[int, int, int]:
+    """The broker, results and state databases: ``VFT_BENCH_DBS`` ("a,b,c", three distinct numbers) or 13,14,15."""
+    text = os.environ.get("VFT_BENCH_DBS", "") if text is None else text
+    if not text.strip():
+        return DEFAULT_DBS
+    try:
+        numbers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"VFT_BENCH_DBS={text!r}: expected three database numbers, e.g. 40,41,42") from None
+    if len(numbers) != 3 or len(set(numbers)) != 3 or min(numbers) < 0:
+        raise ValueError(f"VFT_BENCH_DBS={text!r}: expected three distinct database numbers, e.g. 40,41,42")
+    return numbers[0], numbers[1], numbers[2]
+
+
+BROKER_DB, BACKEND_DB, STATE_DB = bench_databases()
 VHOST = "vllm-fleet-bench"
 INSTANCE = "bench-sim"
 READY_TIMEOUT_S = 60.0

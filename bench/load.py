@@ -3,9 +3,10 @@
 The parent starts several of these (``python -m bench.load``) so no single interpreter's GIL limits the load,
 and talks to each over its standard streams:
 
-1. parent → child, one JSON line: ``{"mode": "direct"|"fleet", "callers": K, "sim_url": ..., "model": ...,
+1. parent → child, one JSON line: ``{"mode": "direct"|"fleet"|"peer", "callers": K, "sim_url": ..., "model": ...,
    "expected": {"<prompt index>": "<answer>"}, "completion_tokens": 16, "max_tokens": 64}``
-   (fleet mode reads its settings from the ``VLLM_FLEET_*`` environment);
+   (fleet mode reads its settings from the ``VLLM_FLEET_*`` environment; peer mode, the plain Celery task of
+   ``bench.peer``, also takes ``"broker_url"`` and ``"result_backend"``);
 2. child → parent ``READY`` once every caller has made one warm-up request;
 3. parent → child ``GO <start epoch> <end epoch>``;
 4. child → parent one JSON line: requests completed inside the window, latencies of requests that started
@@ -30,6 +31,7 @@ __all__ = ["CallFailed", "CallerLog", "check_answer", "main"]
 
 MAX_ERRORS_KEPT = 5
 WARM_UP_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 60.0
 
 
 class CallFailed(Exception):
@@ -95,6 +97,26 @@ def _fleet_call(config: dict[str, Any]) -> Callable[[int], tuple[Any, Any, Any]]
     return call
 
 
+def _peer_call(config: dict[str, Any]) -> Callable[[int], tuple[Any, Any, Any]]:
+    from bench.peer import CHAT_TASK, build_app, reply_fields
+
+    chat = build_app(config["broker_url"], config["result_backend"]).tasks[CHAT_TASK]
+    model, max_tokens = config["model"], config["max_tokens"]
+
+    def call(index: int) -> tuple[Any, Any, Any]:
+        result = chat.delay({"model": model, "messages": chat_messages(index), "max_tokens": max_tokens})
+        try:
+            reply = result.get(timeout=RESULT_TIMEOUT_S)
+        except Exception as exc:
+            raise CallFailed(f"{type(exc).__name__}: {exc} [peer task {result.id}]") from exc
+        return reply_fields(reply)
+
+    return call
+
+
+CALLS = {"direct": _direct_call, "fleet": _fleet_call, "peer": _peer_call}
+
+
 def _caller(
     number: int,
     call: Callable[[int], tuple[Any, Any, Any]],
@@ -143,7 +165,7 @@ def main() -> None:
     """Run one load-generator process (see the module docstring for the protocol)."""
     config: dict[str, Any] = json.loads(sys.stdin.readline())
     callers = int(config["callers"])
-    call = _direct_call(config) if config["mode"] == "direct" else _fleet_call(config)
+    call = CALLS[config["mode"]](config)
     logs = [CallerLog() for _ in range(callers)]
     ready = threading.Barrier(callers + 1)
     go = threading.Event()

@@ -31,10 +31,12 @@ __all__ = [
     "ALL",
     "CpuMeter",
     "Managed",
+    "PeerWorker",
     "flush_redis",
     "install_signal_handlers",
     "rabbit_vhost",
     "server_pids",
+    "start_peer_worker",
     "start_simulator",
     "start_worker",
     "stop_all",
@@ -234,6 +236,60 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int, processes:
     return Managed(name, argv, env=env, stdout=subprocess.DEVNULL)
 
 
+@dataclass
+class PeerWorker:
+    """The plain Celery peer's worker: ``processes`` ``celery -A bench.peer worker -P threads`` processes."""
+
+    processes: list[Managed]
+
+    @property
+    def names(self) -> list[str]:
+        """The Celery node names (``name@host``) of its processes, without the host."""
+        return [proc.name for proc in self.processes]
+
+    def pids(self) -> list[int]:
+        """Every process id of the peer's worker processes."""
+        return [pid for proc in self.processes for pid in proc.pids()]
+
+    def alive(self) -> bool:
+        """Whether every process still runs."""
+        return all(proc.alive() for proc in self.processes)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of all its processes."""
+        return sum(proc.rss_bytes() for proc in self.processes)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines each process wrote."""
+        return "\n".join(f"[{proc.name}] {proc.log_tail(lines)}" for proc in self.processes)
+
+    def stop(self) -> None:
+        """Warm shutdown of every process (killed if it lingers)."""
+        for proc in self.processes:
+            proc.stop()
+
+
+def process_shares(concurrency: int, processes: int) -> list[int]:
+    """``concurrency`` slots split over ``processes`` (as ``Settings`` splits an instance's; they add up)."""
+    return [max(1, concurrency // processes + (1 if i < concurrency % processes else 0)) for i in range(processes)]
+
+
+def start_peer_worker(env: Mapping[str, str], name: str, concurrency: int, processes: int = 1) -> PeerWorker:
+    """The peer's worker, sized like the fleet's: ``processes`` processes whose threads add up to ``concurrency``."""
+    started: list[Managed] = []
+    try:
+        for index, share in enumerate(process_shares(concurrency, processes), start=1):
+            node = name if processes == 1 else f"{name}-{index}"
+            argv = [sys.executable, "-m", "celery", "-A", "bench.peer", "worker", "-P", "threads", "-c", str(share)]
+            argv += ["-n", f"{node}@%h", "--without-mingle", "--without-gossip", "-l", "WARNING"]
+            started.append(Managed(node, argv, env={**env, "VFT_PEER_SLOTS": str(share)}, stdout=subprocess.DEVNULL))
+    except BaseException:
+        for proc in started:
+            proc.stop()
+        raise
+    return PeerWorker(started)
+
+
 def flush_redis(base_url: str, databases: Sequence[int]) -> None:
     """Empty the benchmark's own Redis databases (never the default ones)."""
     import redis
@@ -262,41 +318,70 @@ def rabbit_vhost(vhost: str, host: str = "127.0.0.1", port: int = 5672) -> Itera
         _rabbitmqctl("delete_vhost", vhost, check=False)
 
 
+SERVER_PORTS = {"redis": 6379, "rabbitmq": 5672}
+
+
+def _listens_on(proc: psutil.Process, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == port for conn in proc.net_connections())
+    return False
+
+
 def server_pids() -> dict[str, list[int]]:
-    """Process ids of the Redis and RabbitMQ servers on this machine (for their CPU figures)."""
+    """Process ids of the Redis and RabbitMQ servers the benchmark uses (those listening on the default ports:
+    private brokers that tests start on other ports are not counted)."""
     found: dict[str, list[int]] = {"redis": [], "rabbitmq": []}
     for proc in psutil.process_iter(["name"]):
         name = proc.info.get("name") or ""
-        if name.startswith("redis-server"):
-            found["redis"].append(proc.pid)
-        elif name in ("beam.smp", "beam"):
-            found["rabbitmq"].append(proc.pid)
+        kind = "redis" if name.startswith("redis-server") else "rabbitmq" if name in ("beam.smp", "beam") else None
+        if kind is not None and _listens_on(proc, SERVER_PORTS[kind]):
+            found[kind].append(proc.pid)
     return found
+
+
+def _cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    readings: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            readings[pid] = times.user + times.system
+    return readings
+
+
+def _used(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU seconds between two readings, counting only processes present in both (one that ended or was
+    replaced between them would otherwise count negative)."""
+    return sum(max(0.0, end[pid] - start[pid]) for pid in start.keys() & end.keys())
 
 
 class CpuMeter:
     """CPU seconds used by named groups of processes between ``start`` and ``stop``, as cores busy."""
 
-    def __init__(self, groups: Mapping[str, Sequence[int]]) -> None:
+    def __init__(self, groups: Mapping[str, Sequence[int]], details: Mapping[str, Sequence[int]] | None = None) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
-        self._start: dict[str, float] = {}
+        self.details = {name: list(pids) for name, pids in (details or {}).items()}
+        self._start: dict[str, dict[int, float]] = {}
+        self._details_start: dict[str, dict[int, float]] = {}
         self._machine_start: Any = None
         self._t0 = 0.0
         self.wall_s = 0.0
         self.result: dict[str, float] = {}
+        self.detail_result: dict[str, float] = {}
 
     def start(self) -> None:
         """Take the first reading."""
         self._t0 = time.monotonic()
         self._machine_start = psutil.cpu_times()
-        self._start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        self._start = {name: _cpu_by_pid(pids) for name, pids in self.groups.items()}
+        self._details_start = {name: _cpu_by_pid(pids) for name, pids in self.details.items()}
 
     def stop(self) -> dict[str, float]:
-        """Cores busy per group over the interval, plus ``machine`` (all processes), ``other`` and ``idle``."""
+        """Cores busy per group over the interval, plus ``machine`` (all processes), ``other`` and ``idle``
+        (``details``, measured apart and not part of these sums, land in ``detail_result``)."""
         wall = self.wall_s = time.monotonic() - self._t0
         machine = psutil.cpu_times()
         result = {
-            name: (cpu_seconds(pids) - self._start[name]) / wall if wall > 0 else 0.0
+            name: _used(self._start[name], _cpu_by_pid(pids)) / wall if wall > 0 else 0.0
             for name, pids in self.groups.items()
         }
         idle_s = (machine.idle - self._machine_start.idle) + (
@@ -308,4 +393,8 @@ class CpuMeter:
         result["machine"] = max(0.0, cores - result["idle"])
         result["other"] = max(0.0, result["machine"] - known)
         self.result = result
+        self.detail_result = {
+            name: _used(self._details_start[name], _cpu_by_pid(pids)) / wall if wall > 0 else 0.0
+            for name, pids in self.details.items()
+        }
         return result

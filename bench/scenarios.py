@@ -23,6 +23,7 @@ from bench.fleet import (
     BACKEND_DB,
     MAX_TOKENS,
     REDIS_BASE,
+    STATE_DB,
     FleetUnderTest,
     bench_security,
     bench_settings,
@@ -33,10 +34,21 @@ from bench.fleet import (
     worker_env,
 )
 from bench.load import check_answer
-from bench.procs import CpuMeter, Managed, Simulator, server_pids, start_simulator, start_worker
+from bench.peer import CHAT_TASK, STREAM_TASK, build_app, new_stream_key, peer_worker_env, read_stream, reply_fields
+from bench.procs import (
+    CpuMeter,
+    Managed,
+    PeerWorker,
+    Simulator,
+    server_pids,
+    start_peer_worker,
+    start_simulator,
+    start_worker,
+)
 from bench.stats import gaps_ms, paired_differences, percentile, rate, summarize
 from provider.client import VllmClient
 from provider.settings import InstanceSettings, Settings
+from tasks.process_group import default_process_count
 
 __all__ = [
     "CHAT_MODEL",
@@ -134,80 +146,175 @@ def _fleet(
         fleet.stop()
 
 
+@dataclass
+class Peer:
+    """The plain Celery task's worker, and a caller app of this process for its broker."""
+
+    worker: PeerWorker
+    app: Any
+    broker_url: str
+    result_backend: str
+
+    def chat(self, model: str, index: int, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+        """``chat.delay(body).get()``: one chat through the peer."""
+        body = {"model": model, "messages": chat_messages(index), "max_tokens": max_tokens}
+        reply: dict[str, Any] = self.app.tasks[CHAT_TASK].delay(body).get(timeout=RESULT_TIMEOUT_S)
+        return reply
+
+
+def peer_env(broker_url: str, sim_url: str, slots: int) -> dict[str, str]:
+    """The peer worker's settings: the fleet's broker, the results and state databases of the benchmark."""
+    return peer_worker_env(broker_url, f"{REDIS_BASE}/{BACKEND_DB}", sim_url, f"{REDIS_BASE}/{STATE_DB}", slots)
+
+
+def _wait_for_peer(peer: Peer, model: str) -> None:
+    """Until every peer process answers a ping, then one warm-up chat per process."""
+    deadline = time.monotonic() + LOAD_READY_TIMEOUT_S
+    wanted = set(peer.worker.names)
+    while True:
+        if not peer.worker.alive():
+            raise RuntimeError(f"the peer worker exited: {peer.worker.log_tail()}")
+        replies = peer.app.control.ping(timeout=0.5) or []
+        answering = {node.partition("@")[0] for reply in replies for node in reply}
+        if wanted <= answering:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the peer worker did not start: {peer.worker.log_tail()}")
+    for i in range(2 * len(wanted)):
+        peer.chat(model, i % PROMPTS)
+
+
+@contextmanager
+def _peer(broker_url: str, sim: Simulator, name: str, concurrency: int, processes: int = 1) -> Iterator[Peer]:
+    worker = start_peer_worker(peer_env(broker_url, sim.url, concurrency), name, concurrency, processes)
+    backend = f"{REDIS_BASE}/{BACKEND_DB}"
+    peer = Peer(worker, build_app(broker_url, backend), broker_url, backend)
+    try:
+        _wait_for_peer(peer, CHAT_MODEL)
+        yield peer
+    finally:
+        worker.stop()
+        peer.app.close()
+
+
 # -- 1. overhead ----------------------------------------------------------------------------------------
 
 
-def _paired_run(sim_url: str, models: list[str], requests: int, sanity: Sanity, where: str) -> dict[str, list[float]]:
-    """Interleave one direct and one fleet request, ``requests`` times; each fleet answer must equal the direct one."""
+def _paired_run(
+    sim_url: str, models: list[str], requests: int, sanity: Sanity, where: str, peer: Peer | None = None
+) -> dict[str, list[float]]:
+    """One direct, one fleet (and one peer) request, ``requests`` times, the fleet and peer order alternating;
+    every answer must equal the direct one. Latencies and the caller's CPU time per call, in ms."""
     from tasks import chat
 
-    direct: list[float] = []
-    fleet: list[float] = []
+    samples: dict[str, list[float]] = {
+        key: [] for key in ("direct", "fleet", "peer", "direct_cpu", "fleet_cpu", "peer_cpu")
+    }
+
+    def fleet_call(model: str, index: int) -> tuple[Any, Any, Any]:
+        reply = chat.delay(model=model, messages=chat_messages(index), max_tokens=MAX_TOKENS).get(
+            timeout=RESULT_TIMEOUT_S
+        )
+        return _reply_fields(reply)
+
+    def peer_call(model: str, index: int) -> tuple[Any, Any, Any]:
+        assert peer is not None
+        return reply_fields(peer.chat(model, index))
+
     with direct_client(sim_url) as client:
         for i in range(requests):
             model = models[i % len(models)]
             index = i % PROMPTS
+            cpu = time.process_time()
             started = time.perf_counter()
             try:
                 answer = client.chat(chat_request(model, index))
             except Exception as exc:
                 sanity.fail(where, f"direct: {type(exc).__name__}: {exc}")
                 continue
-            middle = time.perf_counter()
-            try:
-                reply = chat.delay(model=model, messages=chat_messages(index), max_tokens=MAX_TOKENS).get(
-                    timeout=RESULT_TIMEOUT_S
-                )
-            except Exception as exc:
-                sanity.fail(where, f"fleet: {type(exc).__name__}: {exc}")
-                continue
-            ended = time.perf_counter()
+            timing = {"direct": ((time.perf_counter() - started) * 1000.0, (time.process_time() - cpu) * 1000.0)}
             tokens = answer.usage.completion_tokens if answer.usage else None
-            if not sanity.check(where + " direct", answer.content, tokens, answer.finish_reason, answer.content):
+            if not sanity.check(where + " direct", answer.content, tokens, answer.finish_reason, answer.content or ""):
                 continue
-            if not sanity.check(where, *_reply_fields(reply), answer.content or ""):
+            calls = [("fleet", fleet_call), ("peer", peer_call)][: 2 if peer is not None else 1]
+            if i % 2:
+                calls.reverse()
+            good = True
+            for kind, call in calls:
+                cpu = time.process_time()
+                started = time.perf_counter()
+                try:
+                    fields = call(model, index)
+                except Exception as exc:
+                    sanity.fail(where, f"{kind}: {type(exc).__name__}: {exc}")
+                    good = False
+                    break
+                timing[kind] = ((time.perf_counter() - started) * 1000.0, (time.process_time() - cpu) * 1000.0)
+                if not sanity.check(f"{where} {kind}", *fields, answer.content or ""):
+                    good = False
+                    break
+            if not good:
                 continue
-            direct.append((middle - started) * 1000.0)
-            fleet.append((ended - middle) * 1000.0)
-    return {"direct": direct, "fleet": fleet}
+            for kind, (latency, cpu_ms) in timing.items():
+                samples[kind].append(latency)
+                samples[f"{kind}_cpu"].append(cpu_ms)
+    return samples
 
 
 def _overhead_figures(samples: dict[str, list[float]]) -> dict[str, Any]:
     direct, fleet = samples["direct"], samples["fleet"]
     if not direct:
         return {"pairs": 0}
-    added = paired_differences(direct, fleet)
-    return {
+    figures: dict[str, Any] = {
         "pairs": len(direct),
-        "method": "paired: direct and fleet requests interleaved one by one; added = fleet - direct per pair",
+        "method": "paired: direct, fleet and peer requests interleaved one by one; added = X - direct per round",
         "direct_ms": summarize(direct),
         "fleet_ms": summarize(fleet),
-        "added_ms": summarize(added),
+        "added_ms": summarize(paired_differences(direct, fleet)),
         "added_p50_of_distributions_ms": percentile(fleet, 50) - percentile(direct, 50),
     }
+    peer = samples.get("peer") or []
+    if peer:
+        figures["peer_ms"] = summarize(peer)
+        figures["peer_added_ms"] = summarize(paired_differences(direct, peer))
+    caller = {kind: samples.get(f"{kind}_cpu") or [] for kind in ("direct", "peer", "fleet")}
+    figures["caller_cpu_per_request_ms"] = {
+        kind: {"value": sum(values) / len(values), "unit": "ms"} for kind, values in caller.items() if values
+    }
+    return figures
 
 
 def measure_overhead(broker_url: str, requests: int, sanity: Sanity, *, label: str) -> dict[str, Any]:
-    """Zero-latency simulator; the same chat straight to it and through ``chat.delay().get()``, interleaved."""
+    """Zero-latency simulator; the same chat straight to it, through ``chat.delay().get()`` and through the
+    plain Celery peer, interleaved."""
     sim = start_simulator(f"sim-overhead-{label}", [CHAT_MODEL])
     try:
         settings = bench_settings(broker_url, sim.url, bench_security(), concurrency=8)
-        with _fleet(settings, [CHAT_MODEL], f"bench-overhead-{label}", 8) as fleet:
-            _paired_run(sim.url, [CHAT_MODEL], min(50, requests), sanity, f"warm-up[{label}]")
-            meter = _meter(sim, fleet.worker, [])
+        with (
+            _fleet(settings, [CHAT_MODEL], f"bench-overhead-{label}", 8) as fleet,
+            _peer(broker_url, sim, f"bench-peer-overhead-{label}", 8) as peer,
+        ):
+            _paired_run(sim.url, [CHAT_MODEL], min(50, requests), sanity, f"warm-up[{label}]", peer)
+            meter = _meter(sim, {"worker": fleet.worker.pids(), "peer_worker": peer.worker.pids()}, [])
             meter.start()
-            samples = _paired_run(sim.url, [CHAT_MODEL], requests, sanity, f"overhead[{label}]")
+            samples = _paired_run(sim.url, [CHAT_MODEL], requests, sanity, f"overhead[{label}]", peer)
             cpu = meter.stop()
+            done = max(1, len(samples["fleet"]))
             cpu_per_request = {
-                name: {"value": value * meter.wall_s / max(1, len(samples["fleet"])) * 1000.0, "unit": "ms"}
+                name: {"value": value * meter.wall_s / done * 1000.0, "unit": "ms"}
                 for name, value in cpu.items()
-                if name in ("worker", "redis", "rabbitmq", "simulator")
+                if name in ("worker", "peer_worker", "redis", "rabbitmq", "simulator")
             }
             result = _overhead_figures(samples)
             result["cpu_per_request_ms"] = cpu_per_request
+            result["worker_cpu_per_request_ms"] = {
+                "fleet": cpu_per_request["worker"],
+                "peer": cpu_per_request["peer_worker"],
+            }
             result["note"] = (
-                "cpu_per_request: CPU time of each process over the interleaved run divided by the fleet "
-                "requests (the simulator's also serves the direct ones)"
+                "worker CPU per request: each worker's CPU time over the interleaved run divided by its requests "
+                "(the fleet's and the peer's counts are equal); caller CPU: this process's CPU time around each "
+                "call; the simulator's and the servers' serve all three kinds"
             )
             return result
     finally:
@@ -219,28 +326,30 @@ def _cores_figure(cpu: dict[str, float]) -> dict[str, Any]:
     return {"unit": "cores", **{name: round(value, 3) for name, value in cpu.items()}}
 
 
-def _meter(sim: Simulator, worker: Managed | None, load: list[Managed]) -> CpuMeter:
+def _meter(
+    sim: Simulator, workers: dict[str, list[int]], load: list[Managed], *, per_process: bool = False
+) -> CpuMeter:
+    """Cores busy of the simulator, the servers, the load generators and each named worker (``per_process``: also
+    each worker process on its own, under ``details``)."""
     servers = server_pids()
     groups: dict[str, list[int]] = {
         "simulator": [sim.managed.pid],
         "redis": servers["redis"],
         "rabbitmq": servers["rabbitmq"],
         "load": [proc.pid for proc in load],
+        **workers,
     }
-    if worker is not None:
-        groups["worker"] = worker.pids()
-    return CpuMeter(groups)
+    details = {str(pid): [pid] for pids in workers.values() for pid in pids} if per_process else {}
+    return CpuMeter(groups, details)
 
 
 # -- 2. throughput --------------------------------------------------------------------------------------
 
-# A worker sized for N callers: N slots, and one process per core once N reaches two processes' worth.
-CALLERS_PER_WORKER_PROCESS = 32
-
 
 def worker_processes_for(callers: int) -> int:
-    """Worker processes for ``callers`` in flight: one per ``CALLERS_PER_WORKER_PROCESS``, at most one per core."""
-    return max(1, min(psutil.cpu_count() or 1, callers // CALLERS_PER_WORKER_PROCESS))
+    """Worker processes for ``callers`` in flight: ``vllm-fleet worker``'s default for an instance of that
+    concurrency on this machine (``tasks.process_group.default_process_count``)."""
+    return default_process_count([callers], psutil.cpu_count() or 1)
 
 
 def _run_load(
@@ -250,11 +359,13 @@ def _run_load(
     sim: Simulator,
     settings: Settings | None,
     expected: dict[str, str],
-    worker: Managed | None,
+    worker_pids: list[int],
     sanity: Sanity,
     where: str,
+    peer: Peer | None = None,
 ) -> dict[str, Any]:
-    """``callers`` closed-loop callers spread over load-generator processes for ``seconds``."""
+    """``callers`` closed-loop callers (``mode`` direct, fleet or peer) over load-generator processes for
+    ``seconds``; ``worker_pids`` are the serving worker's processes (measured apart)."""
     processes = max(1, -(-callers // CALLERS_PER_PROCESS))
     shares = [callers // processes + (1 if i < callers % processes else 0) for i in range(processes)]
     env = worker_env(settings) if settings is not None else {}
@@ -278,6 +389,8 @@ def _run_load(
                 "completion_tokens": OUTPUT_TOKENS,
                 "max_tokens": MAX_TOKENS,
             }
+            if peer is not None:
+                config |= {"broker_url": peer.broker_url, "result_backend": peer.result_backend}
             assert proc.process.stdin is not None
             proc.process.stdin.write(json.dumps(config) + "\n")
             proc.process.stdin.flush()
@@ -291,7 +404,7 @@ def _run_load(
             assert proc.process.stdin is not None
             proc.process.stdin.write(f"GO {start_at} {end_at}\n")
             proc.process.stdin.flush()
-        meter = _meter(sim, worker, load)
+        meter = _meter(sim, {"worker": worker_pids}, load, per_process=True)
         time.sleep(max(0.0, start_at - time.time()))
         meter.start()
         time.sleep(max(0.0, end_at - time.time()))
@@ -314,11 +427,25 @@ def _run_load(
     sanity.failed += errors
     sanity.wrong += wrong
     per_process = [r["cpu_s"] / seconds for r in reports]
+    done = max(1, completed)
     return {
         "requests_per_s": {"value": rate(completed, seconds), "unit": "req/s"},
+        "closed_loop_requests_per_s": {
+            "value": callers / (sum(latencies) / len(latencies) / 1000.0) if latencies else 0.0,
+            "unit": "req/s",
+            "method": "Little's law for closed-loop callers: N / mean latency (no quantization to whole rounds)",
+        },
         "completed": completed,
         "latency_ms": summarize(latencies),
         "cpu_cores": _cores_figure(cpu),
+        "worker_process_cores": {
+            "unit": "cores",
+            "value": sorted((round(v, 3) for v in meter.detail_result.values() if v >= 0.005), reverse=True),
+        },
+        "cpu_per_request_ms": {
+            "worker": {"value": cpu.get("worker", 0.0) * meter.wall_s / done * 1000.0, "unit": "ms"},
+            "caller": {"value": sum(r["cpu_s"] for r in reports) / done * 1000.0, "unit": "ms"},
+        },
         "load_processes": processes,
         "load_process_max_cores": {"value": max(per_process), "unit": "cores"},
         "errors": errors,
@@ -359,7 +486,8 @@ def _readline(proc: Managed, timeout_s: float) -> str:
 def measure_throughput(
     broker_url: str, levels: list[int], seconds: float, sanity: Sanity, *, label: str
 ) -> dict[str, Any]:
-    """Direct vs fleet req/s at each concurrency, one worker sized for it (``-c N``, instance concurrency N)."""
+    """Direct, plain Celery peer and fleet req/s at each concurrency N, each worker sized for it (N slots over
+    the same number of processes, ``worker_processes_for``); only the worker under load runs."""
     sim = start_simulator(f"sim-throughput-{label}", [CHAT_MODEL], ttft_ms=100, itl_ms=20, output_tokens=OUTPUT_TOKENS)
     results: dict[str, Any] = {
         "simulator": {"ttft_ms": 100, "itl_ms": 20, "output_tokens": OUTPUT_TOKENS, "max_running": 1024},
@@ -370,22 +498,31 @@ def measure_throughput(
     try:
         expected = expected_answers(sim.url, CHAT_MODEL)
         for n in levels:
-            settings = bench_settings(broker_url, sim.url, security, concurrency=n, chat_s=30.0)
+            where = f"throughput[{label}, N={n}]"
             processes = worker_processes_for(n)
+            with _peer(broker_url, sim, f"bench-peer-tput-{label}-{n}", n, processes) as peer:
+                peer_run = _run_load("peer", n, seconds, sim, None, expected, peer.worker.pids(), sanity, where, peer)
+            settings = bench_settings(broker_url, sim.url, security, concurrency=n, chat_s=30.0)
             with _fleet(settings, [CHAT_MODEL], f"bench-tput-{label}-{n}", n, processes) as fleet:
-                where = f"throughput[{label}, N={n}]"
-                direct = _run_load("direct", n, seconds, sim, None, expected, fleet.worker, sanity, where)
-                via = _run_load("fleet", n, seconds, sim, settings, expected, fleet.worker, sanity, where)
-                ratio = via["requests_per_s"]["value"] / max(1e-9, direct["requests_per_s"]["value"])
-                ideal = n / ((100 + 20 * (OUTPUT_TOKENS - 1)) / 1000.0)
-                results["levels"][str(n)] = {
-                    "direct": direct,
-                    "fleet": via,
-                    "ratio": {"value": ratio, "unit": "fleet/direct"},
-                    "ideal_requests_per_s": {"value": ideal, "unit": "req/s"},
-                    "worker_rss_mb": {"value": fleet.worker.rss_bytes() / MB, "unit": "MB"},
-                    "worker_processes": {"value": processes, "unit": "processes"},
-                }
+                direct = _run_load("direct", n, seconds, sim, None, expected, fleet.worker.pids(), sanity, where)
+                via = _run_load("fleet", n, seconds, sim, settings, expected, fleet.worker.pids(), sanity, where)
+                rss_mb = fleet.worker.rss_bytes() / MB
+            direct_rate = max(1e-9, direct["requests_per_s"]["value"])
+            ideal = n / ((100 + 20 * (OUTPUT_TOKENS - 1)) / 1000.0)
+            results["levels"][str(n)] = {
+                "direct": direct,
+                "peer": peer_run,
+                "fleet": via,
+                "ratio": {"value": via["requests_per_s"]["value"] / direct_rate, "unit": "fleet/direct"},
+                "peer_ratio": {"value": peer_run["requests_per_s"]["value"] / direct_rate, "unit": "peer/direct"},
+                "fleet_over_peer": {
+                    "value": via["requests_per_s"]["value"] / max(1e-9, peer_run["requests_per_s"]["value"]),
+                    "unit": "fleet/peer",
+                },
+                "ideal_requests_per_s": {"value": ideal, "unit": "req/s"},
+                "worker_rss_mb": {"value": rss_mb, "unit": "MB"},
+                "worker_processes": {"value": processes, "unit": "processes"},
+            }
     finally:
         sim.stop()
     return results
@@ -442,49 +579,101 @@ def _fleet_stream(model: str, index: int, max_tokens: int = MAX_TOKENS) -> tuple
     return ttft, gaps, "".join(parts), usage, final
 
 
+def _peer_stream(peer: Peer, store: Any, model: str, index: int) -> tuple[float, list[float], str, Any, Any]:
+    """One stream through the peer's streaming task, read from its Redis stream as chunks arrive."""
+    started = time.perf_counter()
+    key = new_stream_key()
+    body = {"model": model, "messages": chat_messages(index), "max_tokens": MAX_TOKENS}
+    result = peer.app.tasks[STREAM_TASK].delay(body, key)
+    first: float | None = None
+    arrivals: list[float] = []
+    parts: list[str] = []
+    usage = finish = None
+    for chunk in read_stream(store, key):
+        now = time.perf_counter()
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                parts.append(content)
+                arrivals.append(now)
+                if first is None:
+                    first = now
+            finish = choice.get("finish_reason") or finish
+        if chunk.get("usage"):
+            usage = chunk["usage"].get("completion_tokens")
+    ttft = ((first or time.perf_counter()) - started) * 1000.0
+    result.get(timeout=RESULT_TIMEOUT_S)
+    store.delete(key)
+    return ttft, gaps_ms(arrivals), "".join(parts), usage, finish
+
+
 def measure_streaming(broker_url: str, streams: int, sanity: Sanity) -> dict[str, Any]:
-    """TTFT and chunk gaps at the producer's stream iterator vs a direct streaming client, interleaved."""
+    """TTFT and chunk gaps at the producer's stream iterator, at the plain Celery peer's stream reader and at a
+    direct streaming client, interleaved (the fleet and the peer in alternating order)."""
+    import redis as redis_lib
+
     sim = start_simulator("sim-stream", [CHAT_MODEL], ttft_ms=100, itl_ms=20, output_tokens=OUTPUT_TOKENS)
+    store = redis_lib.Redis.from_url(f"{REDIS_BASE}/{STATE_DB}")
+    ttft: dict[str, list[float]] = {"direct": [], "fleet": [], "peer": []}
+    gaps: dict[str, list[float]] = {"direct": [], "fleet": [], "peer": []}
     try:
         expected = expected_answers(sim.url, CHAT_MODEL)
         settings = bench_settings(broker_url, sim.url, bench_security(), concurrency=8)
-        with _fleet(settings, [CHAT_MODEL], "bench-stream", 8), direct_client(sim.url) as client:
+        with (
+            _fleet(settings, [CHAT_MODEL], "bench-stream", 8),
+            _peer(broker_url, sim, "bench-peer-stream", 8) as peer,
+            direct_client(sim.url) as client,
+        ):
             _fleet_stream(CHAT_MODEL, 0)
-            direct_ttft: list[float] = []
-            fleet_ttft: list[float] = []
-            direct_gaps: list[float] = []
-            fleet_gaps: list[float] = []
+            _peer_stream(peer, store, CHAT_MODEL, 0)
             for i in range(streams):
                 index = i % PROMPTS
                 want = expected[str(index)]
                 try:
                     d_ttft, d_gaps, d_text, d_usage = _direct_stream(client, CHAT_MODEL, index)
-                    f_ttft, f_gaps, f_text, f_usage, final = _fleet_stream(CHAT_MODEL, index)
+                    if i % 2:
+                        p_ttft, p_gaps, p_text, p_usage, p_finish = _peer_stream(peer, store, CHAT_MODEL, index)
+                        f_ttft, f_gaps, f_text, f_usage, final = _fleet_stream(CHAT_MODEL, index)
+                    else:
+                        f_ttft, f_gaps, f_text, f_usage, final = _fleet_stream(CHAT_MODEL, index)
+                        p_ttft, p_gaps, p_text, p_usage, p_finish = _peer_stream(peer, store, CHAT_MODEL, index)
                 except Exception as exc:
                     sanity.fail("streaming", f"{type(exc).__name__}: {exc}")
                     continue
                 ok = sanity.check("streaming direct", d_text, d_usage, "stop", want)
                 ok = sanity.check("streaming fleet chunks", f_text, f_usage, "stop", want) and ok
                 ok = sanity.check("streaming fleet result", *_reply_fields(final), want) and ok
+                ok = sanity.check("streaming peer chunks", p_text, p_usage, p_finish, want) and ok
                 if not ok:
                     continue
-                direct_ttft.append(d_ttft)
-                fleet_ttft.append(f_ttft)
-                direct_gaps.extend(d_gaps)
-                fleet_gaps.extend(f_gaps)
+                for kind, first, between in (
+                    ("direct", d_ttft, d_gaps),
+                    ("fleet", f_ttft, f_gaps),
+                    ("peer", p_ttft, p_gaps),
+                ):
+                    ttft[kind].append(first)
+                    gaps[kind].extend(between)
     finally:
+        store.close()
         sim.stop()
-    if not direct_ttft:
+    if not ttft["direct"]:
         return {"streams": 0}
     return {
-        "streams": len(direct_ttft),
+        "streams": len(ttft["direct"]),
         "simulator": {"ttft_ms": 100, "itl_ms": 20, "output_tokens": OUTPUT_TOKENS},
-        "method": "paired: one direct stream, then one fleet stream, repeated; TTFT to the first content chunk",
-        "direct_ttft_ms": summarize(direct_ttft),
-        "fleet_ttft_ms": summarize(fleet_ttft),
-        "added_ttft_ms": summarize(paired_differences(direct_ttft, fleet_ttft)),
-        "direct_chunk_gap_ms": summarize(direct_gaps),
-        "fleet_chunk_gap_ms": summarize(fleet_gaps),
+        "method": (
+            "paired: one direct stream, then one fleet and one peer stream (alternating order), repeated; TTFT to "
+            "the first content chunk at the reader. Peer: a plain Celery task that XADDs each SSE data line to a "
+            "Redis stream the caller reads with XREAD BLOCK"
+        ),
+        "direct_ttft_ms": summarize(ttft["direct"]),
+        "fleet_ttft_ms": summarize(ttft["fleet"]),
+        "peer_ttft_ms": summarize(ttft["peer"]),
+        "added_ttft_ms": summarize(paired_differences(ttft["direct"], ttft["fleet"])),
+        "peer_added_ttft_ms": summarize(paired_differences(ttft["direct"], ttft["peer"])),
+        "direct_chunk_gap_ms": summarize(gaps["direct"]),
+        "fleet_chunk_gap_ms": summarize(gaps["fleet"]),
+        "peer_chunk_gap_ms": summarize(gaps["peer"]),
     }
 
 
@@ -497,7 +686,7 @@ def measure_relay(broker_url: str, tokens: int, sanity: Sanity) -> dict[str, Any
             started = time.perf_counter()
             _, d_gaps, d_text, d_usage = _direct_stream_long(client, tokens)
             direct_s = time.perf_counter() - started
-            meter = _meter(sim, fleet.worker, [])
+            meter = _meter(sim, {"worker": fleet.worker.pids()}, [])
             meter.start()
             started = time.perf_counter()
             _, f_gaps, f_text, f_usage, final = _fleet_stream(CHAT_MODEL, 1, max_tokens=tokens + 16)
@@ -575,7 +764,7 @@ def measure_lanes(broker_url: str, lane_counts: list[int], requests: int, sanity
                 ready_s = time.perf_counter() - started
                 rss_idle = fleet.worker.rss_bytes()
                 samples = _paired_run(sim.url, models, requests, sanity, f"lanes[{count}]")
-                meter = _meter(sim, fleet.worker, [])
+                meter = _meter(sim, {"worker": fleet.worker.pids()}, [])
                 meter.start()
                 time.sleep(1.0)
                 idle_cpu = meter.stop()
@@ -617,7 +806,7 @@ def measure_backlog(redis_broker_url: str, tasks_count: int, concurrency: int, s
         worker = start_worker(worker_env(settings), "bench-backlog-drain", concurrency)
         try:
             drain = _watch_drain(worker, results_db, base_results, tasks_count)
-            meter = _meter(sim, worker, [])
+            meter = _meter(sim, {"worker": worker.pids()}, [])
             meter.start()
             time.sleep(1.0)
             idle = meter.stop()

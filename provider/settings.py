@@ -256,13 +256,14 @@ class Settings(BaseSettings):
     events_stream_max_len: int = Field(default=10_000, ge=1)
     # ``vllm-fleet worker --processes K`` starts K worker processes; process i (1..K) serves its share of every
     # instance's concurrency (the shares add up to the instance's), and metrics on ``metrics_port + i - 1``.
-    worker_processes: int = Field(default=1, ge=1, le=64)
+    # None: ``vllm-fleet worker`` sizes it from the cores and the instances' concurrency.
+    worker_processes: int | None = Field(default=None, ge=1, le=64)
     worker_process_index: int = Field(default=0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _take_process_share(self) -> Settings:
         """In process ``i`` of ``K``: 1/K of each instance's slots (the first ``c % K`` processes take one more)."""
-        index, count = self.worker_process_index, self.worker_processes
+        index, count = self.worker_process_index, self.worker_processes or 1
         if index == 0 or count == 1:
             return self
         if index > count:

@@ -143,42 +143,26 @@ def worker_group_argv(name: str, processes: int, loglevel: str = "WARNING") -> l
     ]
 
 
-def worker_concurrency() -> int:
-    """Threads for a worker: every instance's concurrency limit, plus room for management calls."""
-    from provider.discovery import instances_to_serve
-    from provider.settings import get_settings
-
-    instances = instances_to_serve(get_settings())
-    return sum(i.concurrency for i in instances) + _MANAGEMENT_HEADROOM
-
-
 def _cmd_worker(args: argparse.Namespace) -> int:
     from provider.discovery import instances_to_serve, no_instances_reason
     from provider.settings import get_settings
+    from tasks.process_group import default_process_count, run_worker_group
 
     settings = get_settings()
     instances = instances_to_serve(settings)
     if not instances:
         raise NoInstancesError(no_instances_reason(settings))
-    processes = args.processes or settings.worker_processes
-    if processes > 1 and settings.worker_process_index == 0:
-        from tasks.process_group import run_worker_group
-
-        return run_worker_group(
-            processes, instances, hostname=args.hostname, loglevel=args.loglevel, concurrency=args.concurrency
-        )
+    if settings.worker_process_index == 0:
+        sized = default_process_count([i.concurrency for i in instances])
+        processes = args.processes or settings.worker_processes or sized
+        if processes > 1:
+            return run_worker_group(
+                processes, instances, hostname=args.hostname, loglevel=args.loglevel, concurrency=args.concurrency
+            )
     from tasks.app import app
 
-    argv = [
-        "worker",
-        "-P",
-        "threads",
-        "-c",
-        str(args.concurrency or worker_concurrency()),
-        "--without-mingle",
-        "-l",
-        args.loglevel,
-    ]
+    threads = args.concurrency or sum(i.concurrency for i in instances) + _MANAGEMENT_HEADROOM
+    argv = ["worker", "-P", "threads", "-c", str(threads), "--without-mingle", "-l", args.loglevel]
     if args.hostname:
         argv += ["-n", args.hostname]
     app.worker_main(argv)
@@ -407,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=0,
-        help="worker processes sharing each instance's slots (default: WORKER_PROCESSES, 1); one per core",
+        help="worker processes sharing each instance's slots (default: WORKER_PROCESSES, else one per 32 slots "
+        "of the instances, at most one per core)",
     )
     worker.set_defaults(run=_cmd_worker)
 

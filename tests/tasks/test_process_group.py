@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from provider.settings import InstanceSettings, Settings
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
 from tasks.cli import worker_group_argv
-from tasks.process_group import child_node_name
+from tasks.process_group import SLOTS_PER_PROCESS, child_node_name, default_process_count
 from tests.tasks.conftest import Fleet, wait_for
 
 GROUP_MODEL = "group-chat"
@@ -87,6 +88,48 @@ def test_each_process_serves_metrics_on_its_own_port() -> None:
 def test_a_process_index_beyond_the_group_is_refused() -> None:
     with pytest.raises(ValueError, match="beyond worker_processes"):
         Settings(worker_processes=2, worker_process_index=3)
+
+
+@pytest.mark.parametrize(
+    ("concurrencies", "cores", "processes"),
+    [
+        ([8], 2, 1),  # a few slots: one process keeps up
+        ([64], 2, 2),  # two processes' worth of slots
+        ([256], 2, 2),  # never more than one per core
+        ([256], 8, 8),
+        ([200, 56], 16, 8),  # the slots of every instance count
+        ([300, 3], 16, 3),  # each process needs a slot of every instance to share
+        ([], 4, 1),  # nothing configured yet
+        ([1000], 1, 1),
+    ],
+)
+def test_the_default_process_count_follows_the_slots_and_the_cores(
+    concurrencies: list[int], cores: int, processes: int
+) -> None:
+    assert SLOTS_PER_PROCESS == 32
+    assert default_process_count(concurrencies, cores) == processes
+
+
+def test_a_worker_without_processes_sizes_its_group_from_the_cores_and_the_slots(
+    fleet: Fleet, group_simulator: SimulatorServer
+) -> None:
+    slots = 2 * SLOTS_PER_PROCESS
+    expected = default_process_count([slots])  # this machine's cores decide too (2 here: two processes)
+    settings = group_settings(fleet, group_simulator, concurrency=slots)
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "tasks.cli", "worker", "--hostname", "auto@%h", "--loglevel", "WARNING"]
+    group = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if expected == 1:
+            wait_for(lambda: answering_nodes("auto") != set(), timeout_s=60, what="the worker answering")
+            assert {node.partition("@")[0] for node in answering_nodes("auto")} == {"auto"}
+        else:
+            names = {f"auto-{i}" for i in range(1, expected + 1)}
+            wait_for(lambda: len(answering_nodes("auto-")) == expected, timeout_s=60, what="every process answering")
+            assert {node.partition("@")[0] for node in answering_nodes("auto-")} == names
+    finally:
+        code = stop(group)
+    assert code == 0
 
 
 def test_child_node_names() -> None:
