@@ -86,9 +86,9 @@ def error_response(message: str, status_code: int, error_type: str | None = None
     return json_response(error_body(message, status_code, error_type, param), status_code)
 
 
-def error_frame(message: str, status_code: int, error_type: str | None = None) -> str:
+def error_frame(message: str, status_code: int, error_type: str | None = None, param: str | None = None) -> str:
     """The SSE frame of an error inside a 200 stream (vLLM writes it with ``json.dumps`` defaults)."""
-    return f"data: {json.dumps(error_body(message, status_code, error_type))}\n\n"
+    return f"data: {json.dumps(error_body(message, status_code, error_type, param))}\n\n"
 
 
 def reasoning_keys(field: ReasoningField) -> tuple[str, ...]:
