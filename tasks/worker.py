@@ -131,6 +131,13 @@ class ServedInstance:
         """Whether this instance should take more work: circuit not open and below its capacity thresholds."""
         return self.health.state(self.name).circuit != "open" and not self.gate.should_pause()
 
+    def context_window(self, model: str) -> int | None:
+        """The context window this instance serves ``model`` with (by id or alias), when known."""
+        for offering in self.offerings:
+            if model in (offering.model, offering.canonical_alias):
+                return offering.context_window
+        return None
+
     def lanes(self, style: LaneStyle) -> list[str]:
         """The lanes this instance's offerings serve, for the fleet operations it allows."""
         if not self.settings.fleet.respond_to_requests:
@@ -143,6 +150,8 @@ class ServedInstance:
             wants = {"embed"} if offering.usage_type == "embedding" else {"chat", "stream_chat"}
             if wants & allowed:
                 lanes.append(offering.lane(style))
+                if style == "shared":  # requests needing tools (or vision) only reach instances that have them
+                    lanes.extend(offering.capability_lanes())
         return lanes
 
 

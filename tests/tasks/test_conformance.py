@@ -1,0 +1,134 @@
+"""What a real vLLM 0.32 server showed the fleet got wrong (issue 11), end to end on both brokers.
+
+Simulators over HTTP behave as the real server did (tests/simulator/test_conformance.py checks that); workers
+are the session's in-process worker or real worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from provider.protocol import FleetError
+from provider.settings import InstanceSettings, Settings
+from simulator.config import ServedModel, SimulatorConfig
+from simulator.testing import SimulatorServer
+from tests.tasks.conftest import SMALL_MODEL, Fleet, WorkerProcess, wait_for
+
+TOOL_MODEL = "tool-chat"
+TOOL_WINDOW = 8192
+TOOL_REQUESTS = 50
+BATCH = 10
+SMALL_WINDOW = 4096
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _tool_simulator(tool_parser: bool) -> SimulatorConfig:
+    return SimulatorConfig(
+        models=[ServedModel(name=TOOL_MODEL, max_model_len=TOOL_WINDOW)], tool_parser=tool_parser, max_running=64
+    )
+
+
+@pytest.fixture(scope="module")
+def tool_simulators() -> Iterator[tuple[SimulatorServer, SimulatorServer]]:
+    """Two servers of one model: one started with a tool-call parser, one without."""
+    with SimulatorServer(_tool_simulator(True)) as with_parser, SimulatorServer(_tool_simulator(False)) as without:
+        yield with_parser, without
+
+
+def _one_instance(fleet: Fleet, name: str, url: str, **extra: Any) -> Settings:
+    return fleet.settings.model_copy(
+        update={"instances": {name: InstanceSettings(name=name, base_url=url, concurrency=8, **extra)}}
+    )
+
+
+def _offered(model: str, instances: set[str]) -> bool:
+    from tasks.routing import invalidate_route_cache
+    from tasks.runtime import runtime
+
+    invalidate_route_cache()
+    return instances <= {o.instance_id for o in runtime().registry.all() if o.model == model}
+
+
+def test_tool_requests_reach_only_instances_with_a_tool_parser(
+    fleet: Fleet, tool_simulators: tuple[SimulatorServer, SimulatorServer]
+) -> None:
+    """Defect 1: two instances of one model on one shared lane, only one able to serve tools: 50 tool requests,
+    none reaches the instance without a tool parser; plain requests still go to both lanes' consumers."""
+    from tasks import chat
+
+    with_parser, without = tool_simulators
+    with_parser.reset()
+    without.reset()
+    tools_settings = _one_instance(fleet, "sim-tools", with_parser.url, model_capabilities={TOOL_MODEL: ["tools"]})
+    workers = [
+        WorkerProcess(tools_settings, "sim-tools"),
+        WorkerProcess(_one_instance(fleet, "sim-plain", without.url), "sim-plain"),
+    ]
+    try:
+        wait_for(lambda: _offered(TOOL_MODEL, {"sim-tools", "sim-plain"}), timeout_s=30, what="both offerings")
+        replies: list[dict[str, Any]] = []
+        for _ in range(TOOL_REQUESTS // BATCH):  # in batches: the test lanes hold at most 20 waiting requests
+            batch = [
+                chat.delay(model=TOOL_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], max_tokens=64)
+                for _ in range(BATCH)
+            ]
+            replies += [result.get() for result in batch]
+        assert len(replies) == TOOL_REQUESTS
+        assert all(reply["tool_calls"] for reply in replies)
+        assert {reply["metadata"]["instance"] for reply in replies} == {"sim-tools"}
+        assert without.stats()["requests"].get("chat", 0) == 0, "a tool request reached the server without tools"
+        assert with_parser.stats()["requests"]["chat"] == TOOL_REQUESTS
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def test_prompt_and_max_tokens_over_the_window_are_served_with_max_tokens_shortened(fleet: Fleet) -> None:
+    """Defect 5: prompt + max_tokens over the only window, the prompt fitting: vLLM 0.32 shortens max_tokens,
+    so the fleet routes it (no ``no_fleet_queue``) and the result says what max_tokens vLLM really allowed."""
+    from tasks import chat
+
+    prompt = " ".join(["word"] * 1600)  # the producer's estimate is ~2,700 tokens; vLLM counts ~1,600
+    reply = chat.delay(model=SMALL_MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=3000).get()
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] + 3000 > SMALL_WINDOW
+    assert reply["metadata"]["max_tokens_shortened_to"] == SMALL_WINDOW - usage["prompt_tokens"]
+    assert usage["total_tokens"] <= SMALL_WINDOW
+    plain = chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=16).get()
+    assert "max_tokens_shortened_to" not in plain["metadata"]
+
+
+def test_max_tokens_larger_than_every_window_is_refused_at_submit(fleet: Fleet) -> None:
+    """vLLM refuses max_tokens above max_model_len (recorded: err_max_tokens_too_large): so does submit."""
+    from tasks import chat
+
+    with pytest.raises(FleetError) as info:
+        chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=SMALL_WINDOW + 1)
+    assert info.value.code == "no_fleet_queue"
+    assert "larger than every context window" in info.value.message
+
+
+def test_a_chat_prefers_the_lane_with_room_for_its_full_max_tokens() -> None:
+    """Of two windows of one model, the smallest with room for prompt + max_tokens; when none has room, the
+    largest (vLLM shortens max_tokens there); max_tokens over every window is refused."""
+    from provider.offerings import Offering
+    from tasks.routing import _fitting_offering
+
+    small = Offering(model="m", instance_id="a", capabilities=["chat"], context_window=2048)
+    large = Offering(model="m", instance_id="b", capabilities=["chat"], context_window=8192)
+    assert _fitting_offering([small, large], 100, 1000, "m") is small
+    assert _fitting_offering([small, large], 1750, 1000, "m") is large
+    assert _fitting_offering([small, large], 7000, 2000, "m") is large
+    assert _fitting_offering([small, large], 3000, None, "m") is large
+    with pytest.raises(FleetError):
+        _fitting_offering([small, large], 10, 9000, "m")
