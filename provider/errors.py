@@ -147,14 +147,31 @@ class ServerError(ProviderStatusError):
 
 
 class StreamErrorFrame(ProviderError):
-    """An error sent inside a 200 stream (``data: {"error": {...}}``)."""
+    """An error sent inside a 200 stream (``data: {"error": {...}}``).
+
+    One cause, one code: a frame carrying an HTTP status gets the code that status gets as an answer
+    (``bad_request`` for 400, ``server_busy`` for 503, ...), so a bad request reads the same streamed or not;
+    ``stream_error`` only for a frame without a status.
+    """
 
     code = "stream_error"
 
-    def __init__(self, message: str, *, status_code: int | None = None, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        param: str | None = None,
+        instance: str | None = None,
+    ) -> None:
         super().__init__(message, instance=instance)
         self.status_code = status_code
+        self.error_type = error_type
+        self.param = param
         self.retryable = status_code is None or status_code >= 500
+        if status_code is not None and status_code >= 400:
+            self.code = _status_class(status_code).code
 
 
 def error_for_status(
@@ -166,6 +183,12 @@ def error_for_status(
     instance: str | None = None,
 ) -> ProviderStatusError:
     """The typed error for an HTTP status."""
+    cls = _status_class(status_code)
+    return cls(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
+
+
+def _status_class(status_code: int) -> type[ProviderStatusError]:
+    """The error class of an HTTP error status."""
     cls: type[ProviderStatusError]
     if status_code == 400 or status_code == 422:
         cls = BadRequestError
@@ -179,7 +202,7 @@ def error_for_status(
         cls = ServerError
     else:
         cls = ProviderStatusError
-    return cls(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
+    return cls
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -35,13 +35,16 @@ DONE_MARKER = "[DONE]"
 def error_frame(data: dict[str, Any], *, instance: str | None = None) -> StreamErrorFrame:
     """The typed error for ``{"error": {...}}`` (or the older flat ``{"object": "error", ...}``)."""
     error = data.get("error", data)
+    error_type = param = None
     if isinstance(error, dict):
         message = str(error.get("message") or error.get("type") or "error in stream")
         code = error.get("code")
+        error_type = error.get("type") if isinstance(error.get("type"), str) else None
+        param = error.get("param") if isinstance(error.get("param"), str) else None
     else:
         message, code = str(error), None
-    status_code = code if isinstance(code, int) else None
-    return StreamErrorFrame(message, status_code=status_code, instance=instance)
+    status_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    return StreamErrorFrame(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
 
 
 def _join(first: str | None, second: str) -> str | None:

@@ -228,7 +228,7 @@ class TestGeneration:
         fake_vllm.answer(CHAT, lambda request: event_stream(body))
         with pytest.raises(ProviderError, match="boom") as caught:
             collect(fake_vllm.client(), chat_request())
-        assert caught.value.code == "stream_error"
+        assert caught.value.code == "server_error", "a 500 frame reads as a 500 answer would"
         assert body.closed
 
     def test_the_deadline_is_checked_between_chunks(self, fake_vllm: FakeVllm) -> None:

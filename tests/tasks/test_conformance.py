@@ -132,3 +132,52 @@ def test_a_chat_prefers_the_lane_with_room_for_its_full_max_tokens() -> None:
     assert _fitting_offering([small, large], 3000, None, "m") is large
     with pytest.raises(FleetError):
         _fitting_offering([small, large], 10, 9000, "m")
+
+
+def _refusal(submit: Any, streamed: bool) -> FleetError:
+    """The FleetError a request ends with: from the stream for a streamed one, else from its result."""
+    from tasks import open_stream
+
+    result = submit()
+    with pytest.raises(FleetError) as info:
+        if streamed:
+            open_stream(result).text()
+        else:
+            result.get()
+    return info.value
+
+
+BAD_PARAMETERS = [
+    ({"temperature": -1}, "temperature must be non-negative, got -1.0"),
+    ({"response_format": {"type": "xml"}}, "Input should be 'text', 'json_object', 'json_schema' or 'structural_tag'"),
+    ({"extra_body": {"logprobs": True, "top_logprobs": 50}}, "Requested sample logprobs of 50"),
+]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize(("extra", "explanation"), BAD_PARAMETERS, ids=["temperature", "response_format", "logprobs"])
+def test_vllm_explains_a_bad_parameter_with_one_code(
+    fleet: Fleet, extra: dict[str, Any], explanation: str, streamed: bool
+) -> None:
+    """Defects 2 and 8: vLLM's explanation of a bad parameter reaches the caller (it quotes no content), and a
+    bad request is ``bad_request`` whether vLLM said so with a 400 or with an error frame inside a 200 stream
+    (top_logprobs over the limit, streamed)."""
+    from tasks import chat, stream_chat
+
+    task = stream_chat if streamed else chat
+    error = _refusal(lambda: task.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=8, **extra), streamed)
+    assert error.code == "bad_request"
+    assert explanation in error.message
+    assert "withheld" not in error.message
+
+
+def test_an_error_quoting_the_callers_content_is_still_withheld(fleet: Fleet) -> None:
+    """Defect 2's other half: a vLLM message that repeats the caller's message text is withheld."""
+    from tasks import chat
+
+    secret = "my private note about the quarterly numbers"
+    fleet.simulator.configure(failures=[{"route": "chat", "status": 400, "message": f"cannot parse: {secret}"}])
+    error = _refusal(lambda: chat.delay(model=SMALL_MODEL, messages=[{"role": "user", "content": secret}]), False)
+    assert error.code == "bad_request"
+    assert secret[:20] not in error.message
+    assert "withheld" in error.message
