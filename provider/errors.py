@@ -6,6 +6,7 @@
     ├── ProviderTimeoutError              the deadline or an HTTP timeout ran out      retryable
     ├── StreamInterruptedError            the server dropped a stream mid-way          retryable
     ├── StreamErrorFrame                  ``data: {"error": ...}`` inside a 200 stream (retryable when its code is)
+    ├── GenerationAbortedError            vLLM ended the generation itself (``finish_reason: "abort"``) retryable
     ├── InvalidResponseError              a body that is not what vLLM sends
     ├── UnsupportedCapabilityError        the model or server cannot do what was asked
     └── ProviderStatusError               an HTTP error status, vLLM's message kept
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "GenerationAbortedError",
     "InvalidResponseError",
     "NotFoundError",
     "ProviderConfigurationError",
@@ -79,6 +81,14 @@ class StreamInterruptedError(ProviderError):
     """A stream ended without its final chunk and ``[DONE]``."""
 
     code = "stream_interrupted"
+    retryable = True
+
+
+class GenerationAbortedError(ProviderError):
+    """vLLM ended a generation nobody asked it to end (``finish_reason: "abort"``: slept with ``mode=abort``,
+    reset, shut down): the partial answer is not an answer, another try may give the whole one."""
+
+    code = "generation_aborted"
     retryable = True
 
 

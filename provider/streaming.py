@@ -2,9 +2,10 @@
 
 ``StreamDecoder`` takes the ``data`` of each server-sent event (httpx-sse has already dropped comment and
 keep-alive lines): ``[DONE]`` ends the stream, ``{"error": {...}}`` inside the 200 stream raises
-``StreamErrorFrame``, and ``finish()`` raises ``StreamInterruptedError`` when the stream stopped before
-``[DONE]``. It does no I/O; ``provider.client.ChatStream`` feeds it. Per-chunk work is a ``json.loads`` and a
-few dict lookups: the fleet relays more than 10,000 chunks a second.
+``StreamErrorFrame``, a chunk with ``finish_reason: "abort"`` raises ``GenerationAbortedError``, and
+``finish()`` raises ``StreamInterruptedError`` when the stream stopped before ``[DONE]``. It does no I/O;
+``provider.client.ChatStream`` feeds it. Per-chunk work is a ``json.loads`` and a few dict lookups: the fleet
+relays more than 10,000 chunks a second.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from provider.errors import InvalidResponseError, StreamErrorFrame, StreamInterruptedError
+from provider.errors import GenerationAbortedError, InvalidResponseError, StreamErrorFrame, StreamInterruptedError
 from provider.models import (
     ChatResponse,
     FunctionCall,
@@ -27,9 +28,19 @@ from provider.models import (
 )
 from provider.thinking import ReasoningSplitter
 
-__all__ = ["DONE_MARKER", "StreamAccumulator", "StreamDecoder", "error_frame"]
+__all__ = ["ABORT_FINISH_REASON", "DONE_MARKER", "StreamAccumulator", "StreamDecoder", "aborted", "error_frame"]
 
 DONE_MARKER = "[DONE]"
+ABORT_FINISH_REASON = "abort"
+
+
+def aborted(progress: str, *, instance: str | None = None) -> GenerationAbortedError:
+    """The error for a generation vLLM ended with ``finish_reason: "abort"`` after ``progress`` ("12 chunks")."""
+    return GenerationAbortedError(
+        f"vLLM aborted the generation after {progress} (finish_reason abort: the server was put to "
+        "sleep, reset or stopped)",
+        instance=instance,
+    )
 
 
 def error_frame(data: dict[str, Any], *, instance: str | None = None) -> StreamErrorFrame:
@@ -75,6 +86,8 @@ class StreamDecoder:
             raise InvalidResponseError(
                 f"unexpected stream chunk from vLLM: {type(exc).__name__}: {exc}", instance=self._instance
             ) from exc
+        if chunk.finish_reason == ABORT_FINISH_REASON:  # a close by our own caller never reads this chunk
+            raise aborted(f"{self.chunks} chunks", instance=self._instance)
         self.chunks += 1
         return chunk
 

@@ -6,6 +6,8 @@ are the session's in-process worker or real worker processes.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,3 +183,89 @@ def test_an_error_quoting_the_callers_content_is_still_withheld(fleet: Fleet) ->
     assert error.code == "bad_request"
     assert secret[:20] not in error.message
     assert "withheld" in error.message
+
+
+LONG_ANSWER = [{"role": "user", "content": " ".join(f"w{i}" for i in range(60))}]
+
+
+def _abort_by_sleep_when(fleet: Fleet, started: Any, wake_after_s: float | None) -> None:
+    """Once ``started()`` holds, put the simulator to sleep with ``mode=abort``; wake it after a moment."""
+    import httpx
+
+    wait_for(started, timeout_s=10, what="generation under way")
+    httpx.post(f"{fleet.simulator.url}/sleep", params={"level": 1, "mode": "abort"}, timeout=5)
+    if wake_after_s is not None:
+        time.sleep(wake_after_s)
+        httpx.post(f"{fleet.simulator.url}/wake_up", timeout=5)
+
+
+def test_a_stream_aborted_by_sleep_restarts_with_a_reset(fleet: Fleet) -> None:
+    """Defect 3, streamed: an abort nobody asked for is retried; readers see a StreamReset, then the whole
+    answer; the result is not a success with ``finish_reason="abort"``."""
+    from tasks import StreamReset, open_stream, stream_chat
+
+    fleet.simulator.configure(itl_s=0.02)
+    result = stream_chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    stream = open_stream(result)
+    items: list[Any] = []
+    reader = threading.Thread(target=lambda: items.extend(stream))
+    reader.start()
+    _abort_by_sleep_when(fleet, lambda: len(items) >= 5, wake_after_s=0.3)
+    reader.join(timeout=30)
+    resets = [index for index, item in enumerate(items) if isinstance(item, StreamReset)]
+    assert resets, "the reader was not told that generation restarted"
+    after = "".join(item.content or "" for item in items[resets[-1] + 1 :] if not isinstance(item, StreamReset))
+    final = result.get()
+    assert final["finish_reason"] == "stop"
+    assert final["content"] == after == LONG_ANSWER[0]["content"]
+
+
+def test_a_chat_aborted_by_sleep_is_retried(fleet: Fleet) -> None:
+    """Defect 3, not streamed: the aborted generation is retried after wake-up and the answer is whole."""
+    from tasks import chat
+
+    fleet.simulator.configure(itl_s=0.02)
+    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=0.3)
+    final = result.get()
+    assert (final["finish_reason"], final["content"]) == ("stop", LONG_ANSWER[0]["content"])
+
+
+def test_an_abort_that_outlasts_the_deadline_is_a_typed_error(fleet: Fleet) -> None:
+    """Defect 3: when the server stays asleep, the caller gets a typed error by its deadline, not a success."""
+    from tasks import chat
+
+    fleet.simulator.configure(itl_s=0.02)
+    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=4)
+    try:
+        _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=None)
+        with pytest.raises(FleetError) as info:
+            result.get()
+        assert info.value.code in ("generation_aborted", "timeout", "fleet_timeout")
+    finally:
+        import httpx
+
+        httpx.post(f"{fleet.simulator.url}/wake_up", timeout=5)
+
+
+def test_text_after_iterating_returns_at_once(fleet: Fleet) -> None:
+    """Defect 4: ``FleetStream.text()`` after iterating the same stream returns its text, without waiting."""
+    from tasks import open_stream, stream_chat
+
+    result = stream_chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=32, timeout_s=60)
+    stream = open_stream(result)
+    seen = "".join(item.content or "" for item in stream)
+    finished = threading.Event()
+    text: list[str] = []
+
+    def read_text() -> None:
+        text.append(stream.text())
+        finished.set()
+
+    threading.Thread(target=read_text, daemon=True).start()
+    assert finished.wait(10), "text() waited for the stream's deadline"
+    assert text == [seen] == [WEATHER[0]["content"]]
+    half = open_stream(result)
+    first = next(iter(half))
+    assert first.content is not None
+    assert half.text() == seen
