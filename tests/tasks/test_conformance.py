@@ -269,3 +269,64 @@ def test_text_after_iterating_returns_at_once(fleet: Fleet) -> None:
     first = next(iter(half))
     assert first.content is not None
     assert half.text() == seen
+
+
+SLEEPY_MODEL = "sleepy-chat"
+MODELS_UNAVAILABLE = [{"route": "models", "mode": "status", "status": 503, "count": -1}]
+
+
+@pytest.fixture(scope="module")
+def sleepy_simulator() -> Iterator[SimulatorServer]:
+    """A server whose /v1/models fails at first, as a vLLM asleep or still loading does for discovery."""
+    with SimulatorServer(SimulatorConfig(models=[ServedModel(name=SLEEPY_MODEL, max_model_len=4096)])) as server:
+        yield server
+
+
+def test_an_instance_without_offerings_is_discovered_again_soon(
+    fleet: Fleet, sleepy_simulator: SimulatorServer
+) -> None:
+    """Defect 7: a worker whose vLLM could not be discovered at start offers its models once vLLM answers,
+    without a manual ``discover`` (Beat's is every 30 minutes)."""
+    from tasks import chat
+
+    sleepy_simulator.reset()
+    sleepy_simulator.configure(failures=MODELS_UNAVAILABLE)
+    settings = _one_instance(fleet, "sim-sleepy", sleepy_simulator.url).model_copy(
+        update={"discovery_retry_s": 0.5, "discovery_retry_max_s": 1.0}
+    )
+    worker = WorkerProcess(settings, "sim-sleepy")
+    try:
+        wait_for(lambda: sleepy_simulator.stats()["requests"].get("models", 0) >= 1, timeout_s=30, what="discovery")
+        assert not _offered(SLEEPY_MODEL, {"sim-sleepy"})
+        sleepy_simulator.configure(failures=[])
+        wait_for(lambda: _offered(SLEEPY_MODEL, {"sim-sleepy"}), timeout_s=20, what="rediscovery")
+        reply = chat.delay(model=SLEEPY_MODEL, messages=WEATHER, max_tokens=8).get()
+        assert reply["metadata"]["instance"] == "sim-sleepy"
+    finally:
+        worker.stop()
+
+
+def test_wake_up_rediscovers_the_instance(fleet: Fleet, sleepy_simulator: SimulatorServer) -> None:
+    """Defect 7: ``vllm.wake_up`` rediscovers its instance, so a server that slept through discovery offers its
+    models right after waking (the backoff retry is set far away here, so only wake_up can do it)."""
+    from tasks import wake_up
+
+    sleepy_simulator.reset()
+    sleepy_simulator.configure(failures=MODELS_UNAVAILABLE)
+    settings = _one_instance(fleet, "sim-sleepy", sleepy_simulator.url).model_copy(update={"discovery_retry_s": 600.0})
+    worker = WorkerProcess(settings, "sim-sleepy")
+    try:
+        wait_for(lambda: sleepy_simulator.stats()["requests"].get("models", 0) >= 1, timeout_s=30, what="discovery")
+        wait_for(lambda: _instance_registered("sim-sleepy"), timeout_s=20, what="the management queue")
+        assert not _offered(SLEEPY_MODEL, {"sim-sleepy"})
+        sleepy_simulator.configure(failures=[])
+        wake_up.delay(instance="sim-sleepy").get()
+        assert _offered(SLEEPY_MODEL, {"sim-sleepy"})
+    finally:
+        worker.stop()
+
+
+def _instance_registered(name: str) -> bool:
+    from tasks.runtime import runtime
+
+    return runtime().registry.instance(name) is not None
