@@ -330,3 +330,41 @@ def _instance_registered(name: str) -> bool:
     from tasks.runtime import runtime
 
     return runtime().registry.instance(name) is not None
+
+
+CANCEL_ROUNDS = 10
+CANCEL_ITL_S = 0.01  # 100 tokens a second, a fast GPU's pace
+
+
+def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet) -> None:
+    """Defect 9: measure how long ``cancel()`` takes to stop vLLM's generation (until the simulator counts the
+    abort) and how many chunks still reach the reader, at 100 tokens/s. Prints the figures (run with ``-s``);
+    asserts only that every stream ended ``cancelled`` and vLLM aborted every generation."""
+    from tasks import cancel, open_stream, stream_chat
+
+    fleet.simulator.configure(itl_s=CANCEL_ITL_S, text_mode="lorem", output_tokens=2000)
+    latencies_s: list[float] = []
+    late_chunks: list[int] = []
+    for round_number in range(CANCEL_ROUNDS):
+        aborted_before = fleet.simulator.stats()["aborted"]
+        result = stream_chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=2000, ignore_eos=True)
+        seen, late, cancelled_at = 0, 0, 0.0
+        with pytest.raises(FleetError) as info:
+            for item in open_stream(result):
+                if item.content:
+                    seen += 1
+                    if cancelled_at:
+                        late += 1
+                    elif seen == 20:
+                        cancelled_at = time.monotonic()
+                        cancel(result)
+        assert info.value.code == "cancelled", round_number
+        wait_for(lambda: fleet.simulator.stats()["aborted"] > aborted_before, timeout_s=10, what="vLLM's abort")  # noqa: B023
+        latencies_s.append(time.monotonic() - cancelled_at)
+        late_chunks.append(late)
+    latencies_s.sort()
+    print(
+        f"\ncancel -> vLLM abort over {CANCEL_ROUNDS} streams at {1 / CANCEL_ITL_S:.0f} tokens/s: "
+        f"median {latencies_s[len(latencies_s) // 2] * 1000:.0f} ms, max {latencies_s[-1] * 1000:.0f} ms; "
+        f"chunks read after cancel: median {sorted(late_chunks)[len(late_chunks) // 2]}, max {max(late_chunks)}"
+    )
