@@ -124,6 +124,7 @@ class StreamDecoder:
             finish_reason=finish_reason,
             stop_reason=choice.get("stop_reason"),
             usage=usage,
+            logprobs=choice.get("logprobs") or None,
         )
 
     def _flushed_chunk(self) -> StreamChunk | None:
@@ -178,9 +179,12 @@ class StreamAccumulator:
         self._finish_reason: str | None = None
         self._stop_reason: str | int | None = None
         self._usage: Usage | None = None
+        self._logprobs: list[Any] = []
 
     def add(self, chunk: StreamChunk) -> None:
         """Take one chunk."""
+        if chunk.logprobs:
+            self._logprobs.extend(chunk.logprobs.get("content") or ())
         if chunk.content:
             self._content.append(chunk.content)
         if chunk.reasoning:
@@ -223,4 +227,5 @@ class StreamAccumulator:
             finish_reason=self._finish_reason,
             stop_reason=self._stop_reason,
             usage=self._usage,
+            logprobs={"content": self._logprobs} if self._logprobs else None,
         )

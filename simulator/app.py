@@ -384,6 +384,7 @@ class SimulatorApp:
             reasoning_field=config.reasoning_field,
             thinking=thinking,
             named_tool=tool is not None and tool.named,
+            top_logprobs=(parsed.top_logprobs or 0) if parsed.logprobs else None,
             continuous_usage=bool(options.include_usage and options.continuous_usage_stats),
             request_id="chatcmpl-" + self._request_id(request, parsed.request_id),
             created=int(time.time()),

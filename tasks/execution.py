@@ -291,6 +291,8 @@ def chat_body(response: ChatResponse, served: ServedInstance, request: ChatReque
     }
     if shortened is not None:
         body["metadata"]["max_tokens_shortened_to"] = shortened
+    if data.get("logprobs"):  # asked for through extra_body: vLLM's logprobs, as it sent them
+        body["result"] = {"logprobs": data["logprobs"]}
     return body
 
 

@@ -175,3 +175,20 @@ def test_too_many_top_logprobs(http: httpx.Client) -> None:
     assert len(frames) == 2
     fine = http.post("/v1/chat/completions", json=chat(logprobs=True, top_logprobs=20, max_tokens=2))
     assert fine.status_code == 200
+
+
+def test_logprobs_when_asked(http: httpx.Client) -> None:
+    """``logprobs`` with ``top_logprobs``: one entry per generated token, with that many alternatives; streamed,
+    on each token's chunk."""
+    body = chat(logprobs=True, top_logprobs=2, max_tokens=3)
+    answer = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    entries = answer["logprobs"]["content"]
+    assert len(entries) == 3
+    assert list(entries[0]) == ["token", "logprob", "bytes", "top_logprobs"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in entries)
+    assert "".join(entry["token"] for entry in entries) == answer["message"]["content"]
+    frames = sse_frames(http.post("/v1/chat/completions", json={**body, "stream": True}))
+    tokens = [json.loads(frame)["choices"][0] for frame in frames[1:-1] if json.loads(frame)["choices"]]
+    assert [len(choice["logprobs"]["content"]) for choice in tokens if choice["delta"]] == [1, 1, 1]
+    plain = http.post("/v1/chat/completions", json=chat(max_tokens=2)).json()["choices"][0]
+    assert plain["logprobs"] is None

@@ -368,3 +368,22 @@ def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet)
         f"median {latencies_s[len(latencies_s) // 2] * 1000:.0f} ms, max {latencies_s[-1] * 1000:.0f} ms; "
         f"chunks read after cancel: median {sorted(late_chunks)[len(late_chunks) // 2]}, max {max(late_chunks)}"
     )
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_logprobs_asked_through_extra_body_come_back(fleet: Fleet, streamed: bool) -> None:
+    """Defect 9: ``logprobs``/``top_logprobs`` in ``extra_body`` reach vLLM and its logprobs reach the caller
+    (``result.logprobs``, vLLM's ``{"content": [...]}``; streamed, also on each chunk)."""
+    from tasks import chat, open_stream, stream_chat
+
+    extra = {"extra_body": {"logprobs": True, "top_logprobs": 3}}
+    task = stream_chat if streamed else chat
+    result = task.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=16, **extra)
+    if streamed:
+        chunks = [item for item in open_stream(result) if item.content]
+        assert all(len(chunk.logprobs["content"]) == 1 for chunk in chunks)
+    reply = result.get()
+    entries = reply["result"]["logprobs"]["content"]
+    assert "".join(entry["token"] for entry in entries) == reply["content"] == WEATHER[0]["content"]
+    assert all(len(entry["top_logprobs"]) == 3 for entry in entries)
+    assert fleet.simulator.stats()["last_chat_body"]["top_logprobs"] == 3
