@@ -4,6 +4,7 @@ from provider.client import ENDPOINTS, ChatStream, VllmClient, probe
 from provider.errors import (
     AuthenticationError,
     BadRequestError,
+    GenerationAbortedError,
     InvalidResponseError,
     NotFoundError,
     ProviderConfigurationError,
@@ -76,6 +77,7 @@ __all__ = [
     "EmbeddingResponse",
     "FleetBlock",
     "FunctionCall",
+    "GenerationAbortedError",
     "HealthCheck",
     "InstanceSettings",
     "InvalidResponseError",

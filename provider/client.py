@@ -64,7 +64,7 @@ from provider.settings import (
     Timeouts,
     normalize_base_url,
 )
-from provider.streaming import StreamDecoder
+from provider.streaming import ABORT_FINISH_REASON, StreamDecoder, aborted
 from provider.thinking import build_chat_payload, make_splitter, sent_thinking, split_reasoning
 
 __all__ = ["ENDPOINTS", "HTTPX_ERRORS", "ChatStream", "VllmClient", "probe"]
@@ -566,10 +566,14 @@ class VllmClient:
     # -- generation -------------------------------------------------------------------------------------
 
     def chat(self, request: ChatRequest, *, timeout_s: float | None = None) -> ChatResponse:
-        """One non-streamed chat completion, reasoning apart from content."""
+        """One non-streamed chat completion, reasoning apart from content; an answer vLLM aborted
+        (``finish_reason: "abort"``) raises ``GenerationAbortedError`` (retryable)."""
         payload = build_chat_payload(request, enable_thinking_default=self._enable_thinking)
         body = self._call("POST", CHAT_PATH, timeout_s=timeout_s, default_s=self._timeouts.chat_s, json_body=payload)
         response = self._parse(parse_chat_response, body)
+        if response.finish_reason == ABORT_FINISH_REASON:
+            tokens = response.usage.completion_tokens if response.usage else 0
+            raise aborted(f"{tokens} tokens", instance=self.name)
         source = self.instance.reasoning_source
         if source == "server":
             return response

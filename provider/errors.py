@@ -6,6 +6,7 @@
     ├── ProviderTimeoutError              the deadline or an HTTP timeout ran out      retryable
     ├── StreamInterruptedError            the server dropped a stream mid-way          retryable
     ├── StreamErrorFrame                  ``data: {"error": ...}`` inside a 200 stream (retryable when its code is)
+    ├── GenerationAbortedError            vLLM ended the generation itself (``finish_reason: "abort"``) retryable
     ├── InvalidResponseError              a body that is not what vLLM sends
     ├── UnsupportedCapabilityError        the model or server cannot do what was asked
     └── ProviderStatusError               an HTTP error status, vLLM's message kept
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "GenerationAbortedError",
     "InvalidResponseError",
     "NotFoundError",
     "ProviderConfigurationError",
@@ -79,6 +81,14 @@ class StreamInterruptedError(ProviderError):
     """A stream ended without its final chunk and ``[DONE]``."""
 
     code = "stream_interrupted"
+    retryable = True
+
+
+class GenerationAbortedError(ProviderError):
+    """vLLM ended a generation nobody asked it to end (``finish_reason: "abort"``: slept with ``mode=abort``,
+    reset, shut down): the partial answer is not an answer, another try may give the whole one."""
+
+    code = "generation_aborted"
     retryable = True
 
 
@@ -147,14 +157,31 @@ class ServerError(ProviderStatusError):
 
 
 class StreamErrorFrame(ProviderError):
-    """An error sent inside a 200 stream (``data: {"error": {...}}``)."""
+    """An error sent inside a 200 stream (``data: {"error": {...}}``).
+
+    One cause, one code: a frame carrying an HTTP status gets the code that status gets as an answer
+    (``bad_request`` for 400, ``server_busy`` for 503, ...), so a bad request reads the same streamed or not;
+    ``stream_error`` only for a frame without a status.
+    """
 
     code = "stream_error"
 
-    def __init__(self, message: str, *, status_code: int | None = None, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        param: str | None = None,
+        instance: str | None = None,
+    ) -> None:
         super().__init__(message, instance=instance)
         self.status_code = status_code
+        self.error_type = error_type
+        self.param = param
         self.retryable = status_code is None or status_code >= 500
+        if status_code is not None and status_code >= 400:
+            self.code = _status_class(status_code).code
 
 
 def error_for_status(
@@ -166,6 +193,12 @@ def error_for_status(
     instance: str | None = None,
 ) -> ProviderStatusError:
     """The typed error for an HTTP status."""
+    cls = _status_class(status_code)
+    return cls(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
+
+
+def _status_class(status_code: int) -> type[ProviderStatusError]:
+    """The error class of an HTTP error status."""
     cls: type[ProviderStatusError]
     if status_code == 400 or status_code == 422:
         cls = BadRequestError
@@ -179,7 +212,7 @@ def error_for_status(
         cls = ServerError
     else:
         cls = ProviderStatusError
-    return cls(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
+    return cls
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -1,11 +1,14 @@
 """Lane keys: the queue names that say what work is, not which worker does it.
 
-    shared     llm.fleet.<embed|inference>.<model-slug>[.ctx<N>][.boundary.<slug>][.elig.<fingerprint>]
+    shared     llm.fleet.<embed|inference>.<model-slug>[.ctx<N>][.boundary.<slug>][.cap.<caps>][.elig.<fingerprint>]
     offering   llm.fleet.offering.<instance-slug>.<model-slug>.<embed|inference>
 
 A shared lane is consumed by every worker that can serve the model with that context window; an offering lane
 pins work to one instance. ``ctx<N>`` appears only on inference lanes and N is the exact context window.
 The producer picks the smallest inference lane whose N covers the prompt plus the reply (:func:`choose_lane`).
+``cap.<caps>`` qualifies a lane by capabilities only some instances of a model have (``tools``, ``vision``;
+several joined by ``-`` in sorted order): a request that needs them goes to that lane, which only workers
+whose instance has every one of them consume, so it never reaches an instance that would refuse it.
 
     LaneError (ValueError)
     └── NoLaneError            no live lane of the model has room for the request
@@ -39,6 +42,7 @@ __all__ = [
     "LaneStyle",
     "NoLaneError",
     "UsageType",
+    "capability_segment",
     "choose_lane",
     "eligibility_fingerprint",
     "estimate_tokens",
@@ -57,6 +61,7 @@ LANE_PREFIX: Final = "llm.fleet"
 OFFERING_SEGMENT: Final = "offering"
 BOUNDARY_SEGMENT: Final = "boundary"
 FINGERPRINT_SEGMENT: Final = "elig"
+CAPABILITY_SEGMENT: Final = "cap"
 CONTEXT_PREFIX: Final = "ctx"
 MAX_PUBLIC_SEGMENT_CHARS: Final = 64
 MAX_LANE_KEY_CHARS: Final = 255  # AMQP queue names and routing keys are short strings
@@ -241,6 +246,7 @@ class LaneKey:
     boundary: str | None = None
     fingerprint: str | None = None
     instance_slug: str | None = None
+    capabilities: str | None = None
 
     @property
     def usage_type(self) -> UsageType:
@@ -257,6 +263,8 @@ class LaneKey:
             parts.append(f"{CONTEXT_PREFIX}{self.context_window}")
         if self.boundary is not None:
             parts += [BOUNDARY_SEGMENT, self.boundary]
+        if self.capabilities is not None:
+            parts += [CAPABILITY_SEGMENT, self.capabilities]
         if self.fingerprint is not None:
             parts += [FINGERPRINT_SEGMENT, self.fingerprint]
         return _check_length(".".join(parts))
@@ -273,11 +281,12 @@ def shared_lane_key(
     max_input_tokens: int | None = None,
     boundary: str | None = None,
     fingerprint: str | None = None,
+    capabilities: Iterable[str] = (),
 ) -> str:
-    """``llm.fleet.<kind>.<model-slug>[.ctx<N>][.boundary.<slug>][.elig.<fingerprint>]``.
+    """``llm.fleet.<kind>.<model-slug>[.ctx<N>][.boundary.<slug>][.cap.<caps>][.elig.<fingerprint>]``.
 
     ``model`` is the canonical alias when there is one; N is the context window, else ``max_input_tokens``,
-    and appears only on inference lanes.
+    and appears only on inference lanes. ``capabilities`` qualify the lane (see :func:`capability_segment`).
     """
     kind = lane_kind(usage_type)
     window = context_window if context_window is not None else max_input_tokens
@@ -288,7 +297,14 @@ def shared_lane_key(
         context_window=_positive_int(window, "context window") if kind == "inference" and window is not None else None,
         boundary=None if boundary is None else public_segment(boundary, "boundary"),
         fingerprint=None if fingerprint is None else public_segment(fingerprint, "eligibility fingerprint"),
+        capabilities=capability_segment(capabilities),
     ).key
+
+
+def capability_segment(capabilities: Iterable[str]) -> str | None:
+    """The ``cap`` segment of a set of capabilities: their slugs sorted and joined by ``-`` (None when empty)."""
+    names = sorted({_required_slug(name, "capability") for name in capabilities})
+    return "-".join(names) if names else None
 
 
 def offering_lane_key(instance: str, model: str, usage_type: str = "inference") -> str:
@@ -328,7 +344,7 @@ def parse_lane(key: str) -> LaneKey:
         context_window = int(match.group(1))
         rest = rest[1:]
     segments: dict[str, str] = {}
-    for name in (BOUNDARY_SEGMENT, FINGERPRINT_SEGMENT):
+    for name in (BOUNDARY_SEGMENT, CAPABILITY_SEGMENT, FINGERPRINT_SEGMENT):
         if len(rest) >= 2 and rest[0] == name:
             segments[name] = rest[1]
             rest = rest[2:]
@@ -344,6 +360,7 @@ def parse_lane(key: str) -> LaneKey:
         context_window=context_window,
         boundary=segments.get(BOUNDARY_SEGMENT),
         fingerprint=segments.get(FINGERPRINT_SEGMENT),
+        capabilities=segments.get(CAPABILITY_SEGMENT),
     )
 
 
@@ -442,18 +459,20 @@ def choose_lane(
     model: str | None = None,
     boundary: str | None = None,
     fingerprint: str | None = None,
+    capabilities: Iterable[str] = (),
 ) -> str:
     """The inference lane of one model with the smallest ``ctx<N>`` that is at least ``needed_context``.
 
     Pass only lanes with live workers. ``model`` (its canonical alias) selects among several models;
     without it the candidates' inference lanes must all be of one model. Lanes match ``boundary`` and
-    ``fingerprint`` exactly (None: only lanes without that segment). Embedding, offering and window-less
-    lanes are ignored.
+    ``fingerprint`` exactly (None: only lanes without that segment), and ``capabilities`` exactly (none: only
+    lanes without a ``cap`` segment). Embedding, offering and window-less lanes are ignored.
     """
     needed = _positive_int(needed_context, "needed context")
     model_slug = None if model is None else _required_slug(model, "model")
     boundary_slug = None if boundary is None else slug(boundary)
     fingerprint_slug = None if fingerprint is None else slug(fingerprint)
+    capability_slug = capability_segment(capabilities)
     lanes = [
         lane
         for lane in map(_as_lane_key, candidates)
@@ -463,6 +482,7 @@ def choose_lane(
         and (model_slug is None or lane.model_slug == model_slug)
         and lane.boundary == boundary_slug
         and lane.fingerprint == fingerprint_slug
+        and lane.capabilities == capability_slug
     ]
     models = {lane.model_slug for lane in lanes}
     if len(models) > 1:

@@ -134,6 +134,7 @@ class ChatResponse(BaseModel):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    logprobs: dict[str, Any] | None = None  # vLLM's ``choices[0].logprobs`` when asked (extra_body logprobs)
 
 
 class CompletionResponse(BaseModel):
@@ -168,6 +169,7 @@ class StreamChunk(BaseModel):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    logprobs: dict[str, Any] | None = None  # this chunk's ``logprobs`` (``{"content": [...]}``) when asked
 
 
 class EmbedRequest(BaseModel):
@@ -299,6 +301,7 @@ def parse_chat_response(body: Any) -> ChatResponse:
             finish_reason=choice.get("finish_reason"),
             stop_reason=choice.get("stop_reason"),
             usage=_optional_usage(body),
+            logprobs=choice.get("logprobs") or None,
         )
 
     return _parsed("chat completion", parse)

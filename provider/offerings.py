@@ -8,6 +8,7 @@ lane keys and answers ``eligible_for``. :func:`offerings_for_instance` turns one
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, cast, get_args
 
@@ -28,6 +29,7 @@ __all__ = [
     "CAPABILITY_ALIASES",
     "DEFAULT_TRANSPORT",
     "HEALTH_STATUSES",
+    "LANE_CAPABILITIES",
     "PROVIDER_FAMILY",
     "HealthStatus",
     "Offering",
@@ -68,6 +70,9 @@ CAPABILITY_ALIASES: Final[Mapping[str, str]] = {
     "images": "image",
 }
 EMBEDDING_CAPABILITY: Final = "embedding"
+# Capabilities some instances of a model have and others lack (a tool-call parser, a vision encoder): a request
+# needing them is routed to a lane qualified by them (``.cap.<caps>``), consumed only by instances that have them.
+LANE_CAPABILITIES: Final = ("tools", "vision")
 CHAT_CAPABILITIES: Final = ("chat", "streaming")
 
 # What a model entry may say about itself to mark it as an embedding (pooling) model; /v1/models says nothing.
@@ -272,12 +277,24 @@ class Offering(BaseModel):
         """``llm.fleet.offering.<instance-slug>.<alias-slug>.<embed|inference>``."""
         return offering_lane_key(self.instance_id, self.canonical_alias, self.usage_type)
 
-    def lane(self, style: LaneStyle = "shared", *, boundary: str | None = None, with_fingerprint: bool = False) -> str:
-        """The lane of a style; a shared lane may add a boundary and this offering's fingerprint."""
+    def lane(
+        self,
+        style: LaneStyle = "shared",
+        *,
+        boundary: str | None = None,
+        with_fingerprint: bool = False,
+        capabilities: Iterable[str] = (),
+    ) -> str:
+        """The lane of a style; a shared lane may add a boundary, lane capabilities and this offering's
+        fingerprint. Asking for capabilities this offering lacks is a ``ValueError``."""
         if style == "offering":
             return self.offering_lane
         if style != "shared":
             raise ValueError(f"unknown lane style {style!r}; expected shared or offering")
+        wanted = normalize_capabilities(list(capabilities))
+        if not set(wanted) <= set(self.capabilities):
+            missing = ", ".join(sorted(set(wanted) - set(self.capabilities)))
+            raise ValueError(f"offering {self.offering_id} lacks {missing}")
         return shared_lane_key(
             self.canonical_alias,
             self.usage_type,
@@ -285,7 +302,22 @@ class Offering(BaseModel):
             max_input_tokens=self.max_input_tokens,
             boundary=boundary,
             fingerprint=self.eligibility_fingerprint if with_fingerprint else None,
+            capabilities=wanted,
         )
+
+    @property
+    def lane_capabilities(self) -> tuple[str, ...]:
+        """The capabilities of this offering that qualify lanes (see ``LANE_CAPABILITIES``)."""
+        return tuple(cap for cap in LANE_CAPABILITIES if cap in self.capabilities)
+
+    def capability_lanes(self) -> list[str]:
+        """The shared lanes qualified by each non-empty set of this offering's lane capabilities."""
+        own = self.lane_capabilities
+        return [
+            self.lane("shared", capabilities=combination)
+            for size in range(1, len(own) + 1)
+            for combination in itertools.combinations(own, size)
+        ]
 
     def eligible_for(
         self,

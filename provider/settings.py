@@ -226,6 +226,10 @@ class Settings(BaseSettings):
     deny_models: list[str] = Field(default_factory=list)
     model_aliases: dict[str, dict[str, str]] = Field(default_factory=dict)
     discovery_interval_s: float = DISCOVERY_INTERVAL_S
+    # An instance with no offerings (never discovered, e.g. started while its vLLM slept) or unreachable at the
+    # last discovery is tried again after this, doubling up to ``discovery_retry_max_s``.
+    discovery_retry_s: float = Field(default=2.0, gt=0)
+    discovery_retry_max_s: float = Field(default=30.0, gt=0)
     heartbeat_interval_s: float = 30.0
     registry_ttl_s: float = 90.0
     model_cache_ttl_s: float = MODEL_DETAIL_CACHE_TTL_S

@@ -2,9 +2,10 @@
 
 ``StreamDecoder`` takes the ``data`` of each server-sent event (httpx-sse has already dropped comment and
 keep-alive lines): ``[DONE]`` ends the stream, ``{"error": {...}}`` inside the 200 stream raises
-``StreamErrorFrame``, and ``finish()`` raises ``StreamInterruptedError`` when the stream stopped before
-``[DONE]``. It does no I/O; ``provider.client.ChatStream`` feeds it. Per-chunk work is a ``json.loads`` and a
-few dict lookups: the fleet relays more than 10,000 chunks a second.
+``StreamErrorFrame``, a chunk with ``finish_reason: "abort"`` raises ``GenerationAbortedError``, and
+``finish()`` raises ``StreamInterruptedError`` when the stream stopped before ``[DONE]``. It does no I/O;
+``provider.client.ChatStream`` feeds it. Per-chunk work is a ``json.loads`` and a few dict lookups: the fleet
+relays more than 10,000 chunks a second.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from provider.errors import InvalidResponseError, StreamErrorFrame, StreamInterruptedError
+from provider.errors import GenerationAbortedError, InvalidResponseError, StreamErrorFrame, StreamInterruptedError
 from provider.models import (
     ChatResponse,
     FunctionCall,
@@ -27,21 +28,34 @@ from provider.models import (
 )
 from provider.thinking import ReasoningSplitter
 
-__all__ = ["DONE_MARKER", "StreamAccumulator", "StreamDecoder", "error_frame"]
+__all__ = ["ABORT_FINISH_REASON", "DONE_MARKER", "StreamAccumulator", "StreamDecoder", "aborted", "error_frame"]
 
 DONE_MARKER = "[DONE]"
+ABORT_FINISH_REASON = "abort"
+
+
+def aborted(progress: str, *, instance: str | None = None) -> GenerationAbortedError:
+    """The error for a generation vLLM ended with ``finish_reason: "abort"`` after ``progress`` ("12 chunks")."""
+    return GenerationAbortedError(
+        f"vLLM aborted the generation after {progress} (finish_reason abort: the server was put to "
+        "sleep, reset or stopped)",
+        instance=instance,
+    )
 
 
 def error_frame(data: dict[str, Any], *, instance: str | None = None) -> StreamErrorFrame:
     """The typed error for ``{"error": {...}}`` (or the older flat ``{"object": "error", ...}``)."""
     error = data.get("error", data)
+    error_type = param = None
     if isinstance(error, dict):
         message = str(error.get("message") or error.get("type") or "error in stream")
         code = error.get("code")
+        error_type = error.get("type") if isinstance(error.get("type"), str) else None
+        param = error.get("param") if isinstance(error.get("param"), str) else None
     else:
         message, code = str(error), None
-    status_code = code if isinstance(code, int) else None
-    return StreamErrorFrame(message, status_code=status_code, instance=instance)
+    status_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    return StreamErrorFrame(message, status_code=status_code, error_type=error_type, param=param, instance=instance)
 
 
 def _join(first: str | None, second: str) -> str | None:
@@ -72,6 +86,8 @@ class StreamDecoder:
             raise InvalidResponseError(
                 f"unexpected stream chunk from vLLM: {type(exc).__name__}: {exc}", instance=self._instance
             ) from exc
+        if chunk.finish_reason == ABORT_FINISH_REASON:  # a close by our own caller never reads this chunk
+            raise aborted(f"{self.chunks} chunks", instance=self._instance)
         self.chunks += 1
         return chunk
 
@@ -108,6 +124,7 @@ class StreamDecoder:
             finish_reason=finish_reason,
             stop_reason=choice.get("stop_reason"),
             usage=usage,
+            logprobs=choice.get("logprobs") or None,
         )
 
     def _flushed_chunk(self) -> StreamChunk | None:
@@ -162,9 +179,12 @@ class StreamAccumulator:
         self._finish_reason: str | None = None
         self._stop_reason: str | int | None = None
         self._usage: Usage | None = None
+        self._logprobs: list[Any] = []
 
     def add(self, chunk: StreamChunk) -> None:
         """Take one chunk."""
+        if chunk.logprobs:
+            self._logprobs.extend(chunk.logprobs.get("content") or ())
         if chunk.content:
             self._content.append(chunk.content)
         if chunk.reasoning:
@@ -207,4 +227,5 @@ class StreamAccumulator:
             finish_reason=self._finish_reason,
             stop_reason=self._stop_reason,
             usage=self._usage,
+            logprobs={"content": self._logprobs} if self._logprobs else None,
         )

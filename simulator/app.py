@@ -10,13 +10,14 @@ import asyncio
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
@@ -47,7 +48,15 @@ from simulator.serving import (
     race_disconnect,
 )
 from simulator.tokenizer import Tokenizer, count_tokens, last_user_text, render_chat
-from simulator.wire import BUSY_MESSAGE, detail_response, error_response, json_response
+from simulator.wire import (
+    BUSY_MESSAGE,
+    DONE_FRAME,
+    SSE_MEDIA_TYPE,
+    detail_response,
+    error_frame,
+    error_response,
+    json_response,
+)
 
 __all__ = ["SimulatorApp", "create_app"]
 
@@ -59,6 +68,8 @@ SLEEP_MODES = ("abort", "wait", "keep")
 DEFAULT_SLEEP_LEVEL = "1"
 VARY_HEADER = (b"vary", b"Origin")
 UNAUTHORIZED_BODY = {"error": "Unauthorized"}
+NO_TOOL_PARSER_MESSAGE = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+EMPTY_PROMPT_MESSAGE = "The decoder prompt cannot be empty"
 
 
 def _transport_of(send: Send) -> Any:
@@ -72,34 +83,25 @@ def _authorized(header: str | None, api_key: str) -> bool:
     return header is not None and hmac.compare_digest(header.encode("latin-1"), expected)
 
 
-def _context_error(max_model_len: int, prompt_tokens: int, requested: int | None) -> Response | None:
-    """vLLM's 400 when the prompt (plus the requested output) does not fit the context, else None."""
-    output = requested or 0
-    max_input = max_model_len - output
-    if prompt_tokens <= max_input:
+def _context_error(max_model_len: int, prompt_tokens: int) -> Response | None:
+    """vLLM's 400 when the prompt alone does not fit the context, else None (vLLM counts at most N + 1)."""
+    if prompt_tokens <= max_model_len:
         return None
-    shown = min(prompt_tokens, max_input + 1)
-    qualifier = "at least " if shown == max_input + 1 else ""
-    if output:
-        detail = (
-            f"However, you requested {output} output tokens and your prompt contains {qualifier}{shown} "
-            f"input tokens, for a total of {qualifier}{shown + output} tokens. Please reduce the length of "
-            "the input prompt or the number of requested output tokens."
-        )
-    else:
-        detail = (
-            f"However, your prompt contains {qualifier}{shown} input tokens, which exceeds this limit even "
-            "without any output tokens. Please reduce the length of the input prompt."
-        )
+    shown = max_model_len + 1
     message = (
-        f"This model's maximum context length is {max_model_len} tokens. {detail} "
-        f"(parameter=input_tokens, value={shown})"
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains at least "
+        f"{shown} input tokens, which exceeds this limit even without any output tokens. Please reduce the length "
+        f"of the input prompt. (parameter=input_tokens, value={shown})"
     )
     return error_response(message, 400, param="input_tokens")
 
 
 def _output_budget(max_model_len: int, prompt_tokens: int, requested: int | None, param: str) -> int | Response:
-    """How many tokens the answer may have, or vLLM's 400 for a bad ``max_tokens`` or an oversized prompt."""
+    """How many tokens the answer may have, or vLLM's 400 for a bad ``max_tokens`` or an oversized prompt.
+
+    As vLLM 0.32 does, a ``max_tokens`` that fits the window by itself but not beside the prompt is shortened
+    to the room the prompt leaves (the answer then ends with ``finish_reason`` "length"), never refused.
+    """
     if requested is not None:
         if requested < 1:
             message = f"{param} must be at least 1, got {requested}. (parameter={param}, value={requested})"
@@ -110,10 +112,46 @@ def _output_budget(max_model_len: int, prompt_tokens: int, requested: int | None
                 f"Please request fewer output tokens. (parameter={param}, value={requested})"
             )
             return error_response(message, 400, param=param)
-    too_long = _context_error(max_model_len, prompt_tokens, requested)
+    too_long = _context_error(max_model_len, prompt_tokens)
     if too_long is not None:
         return too_long
-    return requested if requested is not None else max(1, max_model_len - prompt_tokens)
+    room = max(1, max_model_len - prompt_tokens)
+    return room if requested is None else min(requested, room)
+
+
+def _sampling_error(temperature: float | None, stop: str | list[str] | None) -> Response | None:
+    """vLLM's 400 for sampling parameters ``SamplingParams`` refuses, else None."""
+    if temperature is not None and temperature < 0:
+        shown = float(temperature)
+        message = f"temperature must be non-negative, got {shown}. (parameter=temperature, value={shown})"
+        return error_response(message, 400, param="temperature")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if any(not text for text in stops):
+        return error_response("stop cannot contain an empty string.", 400)
+    return None
+
+
+def _logprobs_error(requested: int | None, max_logprobs: int) -> str | None:
+    """The engine's refusal of more sample logprobs than ``--max-logprobs`` allows, else None."""
+    if not requested or max_logprobs == -1 or requested <= max_logprobs:
+        return None
+    return (
+        f"Requested sample logprobs of {requested}, which is greater than max allowed: {max_logprobs} "
+        f"(parameter=logprobs, value={requested})"
+    )
+
+
+async def _error_frames(message: str) -> AsyncIterator[str]:
+    """An error inside a 200 stream, as vLLM sends an engine-side refusal: the error frame, then ``[DONE]``."""
+    yield error_frame(message, 400, param="logprobs")
+    yield DONE_FRAME
+
+
+def _engine_refusal(message: str, stream: bool) -> Response:
+    """An engine-side refusal: a 400 for a plain request, an error frame inside a 200 stream for a streamed one."""
+    if stream:
+        return StreamingResponse(_error_frames(message), media_type=SSE_MEDIA_TYPE)
+    return error_response(message, 400, param="logprobs")
 
 
 def _function_of(tool: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +160,7 @@ def _function_of(tool: dict[str, Any]) -> dict[str, Any]:
     return function if isinstance(function, dict) else {}
 
 
-def _select_tool(request: ChatRequest) -> ToolChoice | Response | None:
+def _select_tool(request: ChatRequest, tool_parser: bool) -> ToolChoice | Response | None:
     """The tool the answer calls (None for a text answer), or vLLM's 400 for an impossible choice."""
     tools = request.tools or []
     choice = request.tool_choice
@@ -144,6 +182,8 @@ def _select_tool(request: ChatRequest) -> ToolChoice | Response | None:
         return validation_error([{**error, "input": choice}])
     if choice == "none" or not tools:
         return None
+    if choice == "auto" and not tool_parser:
+        return error_response(NO_TOOL_PARSER_MESSAGE, 400)
     function = _function_of(tools[0])
     return ToolChoice(name=str(function.get("name", "")), parameters=function.get("parameters") or {}, named=False)
 
@@ -304,9 +344,11 @@ class SimulatorApp:
         base = config.base_of(model)
         if base.kind != "generate":
             return detail_response(404)
-        tool = _select_tool(parsed)
+        tool = _select_tool(parsed, config.tool_parser)
         if isinstance(tool, Response):
             return tool
+        if not parsed.messages:
+            return error_response(EMPTY_PROMPT_MESSAGE, 400)
         prompt_tokens = count_tokens(render_chat(parsed.messages, parsed.tools, parsed.add_generation_prompt))
         requested: int | None = parsed.max_completion_tokens
         param = "max_completion_tokens"
@@ -315,6 +357,12 @@ class SimulatorApp:
         budget = _output_budget(base.max_model_len, prompt_tokens, requested, param)
         if isinstance(budget, Response):
             return budget
+        refused = _sampling_error(parsed.temperature, parsed.stop)
+        if refused is not None:
+            return refused
+        logprobs = _logprobs_error(parsed.top_logprobs or 0 if parsed.logprobs else None, config.max_logprobs)
+        if logprobs is not None:
+            return _engine_refusal(logprobs, bool(parsed.stream))
         thinking = bool((parsed.chat_template_kwargs or {}).get("enable_thinking"))
         plan = plan_chat(
             config,
@@ -336,6 +384,7 @@ class SimulatorApp:
             reasoning_field=config.reasoning_field,
             thinking=thinking,
             named_tool=tool is not None and tool.named,
+            top_logprobs=(parsed.top_logprobs or 0) if parsed.logprobs else None,
             continuous_usage=bool(options.include_usage and options.continuous_usage_stats),
             request_id="chatcmpl-" + self._request_id(request, parsed.request_id),
             created=int(time.time()),
@@ -378,6 +427,12 @@ class SimulatorApp:
         budget = _output_budget(base.max_model_len, max(lengths), parsed.max_tokens, "max_tokens")
         if isinstance(budget, Response):
             return budget
+        refused = _sampling_error(parsed.temperature, parsed.stop)
+        if refused is not None:
+            return refused
+        logprobs = _logprobs_error(parsed.logprobs, config.max_logprobs)
+        if logprobs is not None:
+            return _engine_refusal(logprobs, bool(parsed.stream))
         plans = [
             plan_completion(
                 config,
@@ -443,7 +498,7 @@ class SimulatorApp:
                 keys.append(json.dumps(item))
                 lengths.append(len(item))
         for length in lengths:
-            too_long = _context_error(base.max_model_len, length, None)
+            too_long = _context_error(base.max_model_len, length)
             if too_long is not None:
                 return too_long
         ticket = engine.ticket(model, sum(lengths), 0)

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_GENERATE_MODEL",
     "DEFAULT_HANG_S",
     "DEFAULT_KV_CACHE_TOKENS",
+    "DEFAULT_MAX_LOGPROBS",
     "DEFAULT_MAX_RUNNING",
     "DEFAULT_OUTPUT_TOKENS",
     "DEFAULT_REASONING_TOKENS",
@@ -44,6 +45,7 @@ DEFAULT_MAX_RUNNING = 256
 DEFAULT_KV_CACHE_TOKENS = 16 * DEFAULT_GENERATE_MAX_MODEL_LEN
 DEFAULT_HANG_S = 3600.0
 DEFAULT_VLLM_VERSION = "0.32.0"
+DEFAULT_MAX_LOGPROBS = 20
 
 ModelKind = Literal["generate", "embed"]
 ReasoningStyle = Literal["none", "server", "tags"]
@@ -106,6 +108,9 @@ class SimulatorConfig(BaseModel):
     of a fixed cycle seeded by the prompt, ``output_tokens`` tokens long with the end-of-sequence token;
     both are cut at ``max_tokens`` (``finish_reason`` "length").
     ``reasoning_tokens`` is the length of the thinking part when thinking is on.
+    ``tool_parser`` False is a server started without ``--enable-auto-tool-choice --tool-call-parser``:
+    tools with an ``auto`` tool choice get vLLM's 400 (a named tool choice still works).
+    ``max_logprobs`` is vLLM's ``--max-logprobs`` (20 by default; -1 = the vocabulary).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -127,6 +132,8 @@ class SimulatorConfig(BaseModel):
     dead: bool = False
     failures: list[FailureRule] = Field(default_factory=list)
     version: str = DEFAULT_VLLM_VERSION
+    tool_parser: bool = True
+    max_logprobs: int = Field(default=DEFAULT_MAX_LOGPROBS, ge=-1)
 
     @model_validator(mode="after")
     def _check_models(self) -> SimulatorConfig:

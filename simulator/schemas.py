@@ -21,6 +21,7 @@ __all__ = [
     "CompletionRequest",
     "DetokenizeRequest",
     "EmbeddingRequest",
+    "ResponseFormat",
     "StreamOptions",
     "TokenizeRequest",
     "parse_body",
@@ -75,11 +76,35 @@ class _Generation(_Body):
         return self
 
 
-class ChatRequest(_Generation):
+class ResponseFormat(_Body):
+    """``response_format``: its ``type`` must be one vLLM knows; ``json_schema`` needs its schema."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        """Reject ``json_schema`` without the schema object."""
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema must be provided when response_format type is 'json_schema'")
+        return self
+
+
+class _Sampling(_Generation):
+    """Sampling fields vLLM checks after validation (``SamplingParams``) or in the engine (logprobs)."""
+
+    temperature: float | None = None
+    stop: str | list[str] | None = None
+
+
+class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     model: str | None = None
     messages: list[dict[str, Any]]
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     min_tokens: int = 0
@@ -91,10 +116,11 @@ class ChatRequest(_Generation):
     request_id: str | None = None
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
     model: str | None = None
+    logprobs: int | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
     min_tokens: int = 0

@@ -26,8 +26,10 @@ from simulator.wire import (
     SSE_MEDIA_TYPE,
     ChatChunkWriter,
     CompletionChunkWriter,
+    dumps,
     error_frame,
     json_response,
+    logprob_entry,
     reasoning_keys,
 )
 
@@ -126,10 +128,12 @@ class ChatJob(Job):
         thinking: bool,
         named_tool: bool,
         continuous_usage: bool,
+        top_logprobs: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(engine, ticket, [plan], **common)
         self.plan = plan
+        self.top_logprobs = top_logprobs
         self.server_reasoning = reasoning == "server"
         self.server_thinking = thinking and self.server_reasoning
         self.reasoning_field = reasoning_field
@@ -154,17 +158,20 @@ class ChatJob(Job):
     def frame(self, choice: int, index: int, finish_reason: str | None) -> str:
         """One token's chunk, or the last choice chunk when ``finish_reason`` is given."""
         steps = self.plan.steps
+        logprobs = "null"
         if index < len(steps):
             channel, text = steps[index]
             if channel == REASONING:
                 self.reasoning_tokens += 1
             delta = self.writer.delta(channel, text)
+            if self.top_logprobs is not None:
+                logprobs = dumps({"content": [logprob_entry(text, self.top_logprobs)]})
         else:
             delta = "{}"
         generated = self.ticket.generated
         if finish_reason is None:
-            return self.writer.token(delta, generated, self.reasoning_tokens)
-        return self.writer.finish(delta, finish_reason, generated, self.reasoning_tokens)
+            return self.writer.token(delta, generated, self.reasoning_tokens, logprobs)
+        return self.writer.finish(delta, finish_reason, generated, self.reasoning_tokens, logprobs)
 
     def usage_frame(self) -> str:
         """The final usage chunk."""
@@ -194,10 +201,13 @@ class ChatJob(Job):
             message[key] = reasoning
         prompt_tokens = self.ticket.prompt_tokens
         details = {"reasoning_tokens": len(thought)} if self.server_reasoning else None
+        logprobs = None
+        if self.top_logprobs is not None:
+            logprobs = {"content": [logprob_entry(text, self.top_logprobs) for _, text in steps]}
         choice = {
             "index": 0,
             "message": message,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reasons[0],
             "stop_reason": None,
             "token_ids": None,

@@ -31,6 +31,7 @@ __all__ = [
     "error_response",
     "error_type_for",
     "json_response",
+    "logprob_entry",
     "reasoning_keys",
 ]
 
@@ -86,9 +87,24 @@ def error_response(message: str, status_code: int, error_type: str | None = None
     return json_response(error_body(message, status_code, error_type, param), status_code)
 
 
-def error_frame(message: str, status_code: int, error_type: str | None = None) -> str:
+def error_frame(message: str, status_code: int, error_type: str | None = None, param: str | None = None) -> str:
     """The SSE frame of an error inside a 200 stream (vLLM writes it with ``json.dumps`` defaults)."""
-    return f"data: {json.dumps(error_body(message, status_code, error_type))}\n\n"
+    return f"data: {json.dumps(error_body(message, status_code, error_type, param))}\n\n"
+
+
+def logprob_entry(text: str, top_logprobs: int) -> dict[str, Any]:
+    """vLLM's logprobs of one generated token: the token, a made-up logprob, its bytes and ``top_logprobs``
+    alternatives (the token itself first)."""
+    alternatives = [text, *(f"{text}~{rank}" for rank in range(1, top_logprobs))][:top_logprobs]
+    return {
+        "token": text,
+        "logprob": -0.25,
+        "bytes": list(text.encode()),
+        "top_logprobs": [
+            {"token": token, "logprob": -0.25 * (rank + 1), "bytes": list(token.encode())}
+            for rank, token in enumerate(alternatives)
+        ],
+    }
 
 
 def reasoning_keys(field: ReasoningField) -> tuple[str, ...]:
@@ -170,17 +186,19 @@ class ChatChunkWriter:
             '"prompt_token_ids":null,"prompt_text":null}\n\n'
         )
 
-    def token(self, delta: str, completion_tokens: int, reasoning_tokens: int) -> str:
-        """A chunk carrying one token's delta."""
+    def token(self, delta: str, completion_tokens: int, reasoning_tokens: int, logprobs: str = "null") -> str:
+        """A chunk carrying one token's delta (and its ``logprobs`` JSON when they were asked for)."""
         return (
-            f'{self._head}[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":null,"token_ids":null}}]'
+            f'{self._head}[{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":null,"token_ids":null}}]'
             f"{self._running_usage(completion_tokens, reasoning_tokens)}}}\n\n"
         )
 
-    def finish(self, delta: str, finish_reason: str, completion_tokens: int, reasoning_tokens: int) -> str:
+    def finish(
+        self, delta: str, finish_reason: str, completion_tokens: int, reasoning_tokens: int, logprobs: str = "null"
+    ) -> str:
         """The last choice chunk: its delta (``{}`` at a natural end), finish reason and stop reason."""
         return (
-            f'{self._head}[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{dumps(finish_reason)},'
+            f'{self._head}[{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{dumps(finish_reason)},'
             f'"stop_reason":null,"token_ids":null}}]'
             f"{self._running_usage(completion_tokens, reasoning_tokens)}}}\n\n"
         )

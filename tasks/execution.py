@@ -256,13 +256,27 @@ def run_chat(verified: VerifiedRequest, served: ServedInstance) -> dict[str, Any
     """One chat completion."""
     request = ChatRequest.model_validate(verified.params)
     response = _retrying(runtime(), verified, served, lambda left: served.client.chat(request, timeout_s=left))
-    return chat_body(response, served)
+    return chat_body(response, served, request)
 
 
-def chat_body(response: ChatResponse, served: ServedInstance) -> dict[str, Any]:
-    """The response envelope body of a chat: message fields, usage, and where it ran."""
+def shortened_max_tokens(served: ServedInstance, request: ChatRequest, response: ChatResponse) -> int | None:
+    """The max_tokens vLLM really allowed when prompt + max_tokens overflowed the window (it shortens, as 0.32
+    does, rather than refuse); None when the request's max_tokens stood."""
+    if request.max_tokens is None or response.usage is None:
+        return None
+    window = served.context_window(request.model)
+    if window is None:
+        return None
+    room = window - response.usage.prompt_tokens
+    return room if room < request.max_tokens else None
+
+
+def chat_body(response: ChatResponse, served: ServedInstance, request: ChatRequest | None = None) -> dict[str, Any]:
+    """The response envelope body of a chat: message fields, usage, where it ran, and whether vLLM shortened
+    max_tokens (``metadata.max_tokens_shortened_to``)."""
     data = response.model_dump(mode="json")
-    return {
+    shortened = None if request is None else shortened_max_tokens(served, request, response)
+    body: dict[str, Any] = {
         "content": data.get("content"),
         "reasoning": data.get("reasoning"),
         "tool_calls": data.get("tool_calls") or None,
@@ -275,6 +289,11 @@ def chat_body(response: ChatResponse, served: ServedInstance) -> dict[str, Any]:
             "stop_reason": data.get("stop_reason"),
         },
     }
+    if shortened is not None:
+        body["metadata"]["max_tokens_shortened_to"] = shortened
+    if data.get("logprobs"):  # asked for through extra_body: vLLM's logprobs, as it sent them
+        body["result"] = {"logprobs": data["logprobs"]}
+    return body
 
 
 def run_embed(verified: VerifiedRequest, served: ServedInstance) -> dict[str, Any]:
@@ -318,7 +337,7 @@ def stream_chat_runner(task: Task[Any, Any]) -> Runner:
                     if cancelled or task.request.id in worker_state.revoked:
                         stream.close()
                         raise _Cancelled()
-            return chat_body(accumulator.result(), served)
+            return chat_body(accumulator.result(), served, request)
 
         try:
             body: dict[str, Any] = _retrying(rt, verified, served, one_attempt)

@@ -1,8 +1,10 @@
 """Choosing the lane for a request from the shared registry, and Celery's router over finished envelopes.
 
 Producers read live offerings from Redis (cached in-process for ``ROUTE_CACHE_S``): a chat goes to the
-smallest ``ctx<N>`` lane of its model that fits prompt + max_tokens, an embedding to the model's embed lane,
-a management call to its instance's own queue. Anything no live worker can serve fails here, at submit.
+smallest ``ctx<N>`` lane of its model that fits prompt + max_tokens (``_fitting_offering`` says what happens
+when none does), qualified by ``.cap.tools`` when it sends tools so that only instances with a tool parser
+take it; an embedding goes to the model's embed lane, a management call to its instance's own queue.
+Anything no live worker can serve fails here, at submit.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 from kombu import Queue
 
 from provider.event_bus import AmqpEventReader, read_events
-from provider.lanes import LaneError, choose_lane, estimate_tokens, needed_context, slug
-from provider.offerings import Offering
+from provider.lanes import estimate_tokens, needed_context, slug
+from provider.offerings import LANE_CAPABILITIES, Offering
 from provider.protocol import FleetError
 from provider.registry import CachedRegistry
 from tasks.queues import CONTROL_QUEUE, lane_queue, management_queue_name
@@ -161,29 +163,43 @@ def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRunti
     if usage == "embedding":
         chosen = eligible[0]
         return LaneChoice(lane=chosen.lane(style), offering_id=chosen.offering_id, instance=chosen.instance_id)
-    needed = needed_context(
-        estimate_tokens(params.get("messages") or [], tools=params.get("tools")), params.get("max_tokens")
-    )
+    prompt = estimate_tokens(params.get("messages") or [], tools=params.get("tools"))
+    chosen = _fitting_offering(eligible, prompt, params.get("max_tokens"), model)
     if style == "offering":
-        fitting = [o for o in eligible if (o.context_window or 0) >= needed]
-        if not fitting:
-            raise _no_fit(model, needed)
-        chosen = min(fitting, key=lambda o: o.context_window or 0)
         return LaneChoice(lane=chosen.offering_lane, offering_id=chosen.offering_id, instance=chosen.instance_id)
-    try:
-        lane = choose_lane(eligible, needed, model=eligible[0].canonical_alias)
-    except LaneError as exc:
-        raise _no_fit(model, needed) from exc
-    chosen = next(o for o in eligible if o.shared_lane == lane)
+    lane_capabilities = [cap for cap in LANE_CAPABILITIES if cap in required]
+    lane = chosen.lane("shared", capabilities=lane_capabilities)
     return LaneChoice(lane=lane, offering_id=chosen.offering_id, instance="any")
 
 
-def _no_fit(model: str, needed: int) -> FleetError:
-    return FleetError(
-        f"no lane of model {model!r} has a context window of {needed} tokens (prompt estimate + max_tokens)",
-        code="no_fleet_queue",
-        retryable=False,
-    )
+def _fitting_offering(offerings: list[Offering], prompt_estimate: int, max_tokens: Any, model: str) -> Offering:
+    """The offering whose lane a chat goes to, judged the way vLLM 0.32 judges a request.
+
+    vLLM refuses ``max_tokens`` above the window and a prompt longer than the window; prompt + max_tokens over
+    the window it serves, with max_tokens shortened to what fits. So: the smallest window with room for the
+    prompt estimate and the full max_tokens; else the largest window (vLLM shortens the reply, and the result
+    says so): the estimate is generous (three bytes a token), so vLLM, not the estimate, decides whether a
+    prompt is really too long (``bad_request``). Only a max_tokens larger than every window is refused here,
+    as vLLM would refuse it.
+    """
+    wanted = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+
+    def window(offering: Offering) -> int:
+        return offering.context_window or 0
+
+    allowed = [o for o in offerings if wanted is None or window(o) >= wanted]
+    if not allowed:
+        largest = max(window(o) for o in offerings)
+        raise FleetError(
+            f"max_tokens={wanted} is larger than every context window of model {model!r} (the largest is "
+            f"{largest}); vLLM refuses it",
+            code="no_fleet_queue",
+            retryable=False,
+        )
+    full = [o for o in allowed if window(o) >= needed_context(prompt_estimate, wanted)]
+    if full:
+        return min(full, key=window)
+    return max(allowed, key=window)
 
 
 def pick_management_queue(instance: str, rt: FleetRuntime | None = None) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from pydantic import TypeAdapter
@@ -66,10 +66,23 @@ _CHUNK_LIST = TypeAdapter(list[StreamChunk])
 
 @dataclass(frozen=True, slots=True)
 class StreamReset:
-    """Marker: generation restarted after a retryable failure; discard what was read before it."""
+    """Marker: generation restarted after a retryable failure; discard what was read before it.
+
+    It reads like a chunk that carries nothing (``content``, ``reasoning``, ``finish_reason``, ``usage`` are
+    None, ``tool_calls`` empty), so a loop that only prints ``chunk.content`` can ignore it safely; what came
+    before it is then followed by the restarted text.
+    """
 
     attempt: int
     entry_id: str = ""
+    id: ClassVar[str | None] = None
+    model: ClassVar[str | None] = None
+    content: ClassVar[str | None] = None
+    reasoning: ClassVar[str | None] = None
+    tool_calls: ClassVar[tuple[()]] = ()
+    finish_reason: ClassVar[str | None] = None
+    stop_reason: ClassVar[str | None] = None
+    usage: ClassVar[None] = None
 
 
 class EntrySealer:
@@ -358,9 +371,22 @@ class FleetStream:
         self._key = key
         self._cancel_key = cancel_key
         self._deadline = deadline
+        # What this reader has seen (content since the last reset) and how the stream ended, so that text() after
+        # an iteration, or a second iteration, answers at once instead of waiting past the end for the deadline.
+        self._parts: list[str] = []
+        self._ended = False
+        self._failure: FleetError | None = None
 
     def __iter__(self) -> Iterator[StreamChunk | StreamReset]:
-        return read_stream(
+        return self._read()
+
+    def _read(self) -> Iterator[StreamChunk | StreamReset]:
+        """Items after ``last_id``; nothing more (or the same error again) once the stream has ended."""
+        if self._ended:
+            if self._failure is not None:
+                raise self._failure
+            return
+        items = read_stream(
             self._redis,
             self._key,
             deadline=self._deadline,
@@ -368,19 +394,28 @@ class FleetStream:
             start_id=self.last_id,
             on_entry=self._remember,
         )
+        try:
+            for item in items:
+                if isinstance(item, StreamReset):
+                    self._parts.clear()
+                elif item.content:
+                    self._parts.append(item.content)
+                yield item
+        except FleetError as exc:
+            if exc.code != "fleet_timeout":  # an error or cancelled entry ends the stream; a timeout does not
+                self._ended, self._failure = True, exc
+            raise
+        self._ended = True
 
     def _remember(self, entry_id: str) -> None:
         self.last_id = entry_id
 
     def text(self) -> str:
-        """Read to the end and return the visible content (a reset discards what came before it)."""
-        parts: list[str] = []
-        for item in self:
-            if isinstance(item, StreamReset):
-                parts.clear()
-            elif item.content:
-                parts.append(item.content)
-        return "".join(parts)
+        """Read to the end and return the visible content (a reset discards what came before it), including
+        what an earlier iteration of this reader already read; at once when that iteration reached the end."""
+        for _ in self:
+            pass
+        return "".join(self._parts)
 
     def cancel(self, ttl_s: float = 3600.0) -> None:
         """Ask the worker to stop generating: it closes the HTTP stream within one chunk."""

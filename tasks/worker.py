@@ -2,7 +2,8 @@
 
 A worker needs only instance settings. At start (a consumer bootstep) it discovers each instance's models,
 writes their offerings and its management queues to the registry, and consumes exactly those lanes; a
-heartbeat renews the registry entries, and a refresh (``vllm.discover``) adds or cancels consumers to match.
+heartbeat renews the registry entries, and a refresh (``vllm.discover``, ``vllm.wake_up``, and a retry on a
+short backoff for an instance without offerings) adds or cancels consumers to match.
 
 Every call to an instance goes through its circuit breaker (shared in Redis). While an instance's circuit is
 open, or its vLLM reports more waiting requests or KV-cache use than configured, the worker stops consuming
@@ -131,6 +132,13 @@ class ServedInstance:
         """Whether this instance should take more work: circuit not open and below its capacity thresholds."""
         return self.health.state(self.name).circuit != "open" and not self.gate.should_pause()
 
+    def context_window(self, model: str) -> int | None:
+        """The context window this instance serves ``model`` with (by id or alias), when known."""
+        for offering in self.offerings:
+            if model in (offering.model, offering.canonical_alias):
+                return offering.context_window
+        return None
+
     def lanes(self, style: LaneStyle) -> list[str]:
         """The lanes this instance's offerings serve, for the fleet operations it allows."""
         if not self.settings.fleet.respond_to_requests:
@@ -143,6 +151,8 @@ class ServedInstance:
             wants = {"embed"} if offering.usage_type == "embedding" else {"chat", "stream_chat"}
             if wants & allowed:
                 lanes.append(offering.lane(style))
+                if style == "shared":  # requests needing tools (or vision) only reach instances that have them
+                    lanes.extend(offering.capability_lanes())
         return lanes
 
 
@@ -211,7 +221,27 @@ class WorkerFleet:
         for target, name in ((self._beat, "fleet-heartbeat"), (self._renew_leases, "fleet-leases")):
             threading.Thread(target=target, name=name, daemon=True).start()
         threading.Thread(target=self._watch_capacity, name="fleet-capacity", daemon=True).start()
+        threading.Thread(target=self._retry_discovery, name="fleet-rediscovery", daemon=True).start()
         return self.queues()
+
+    def _undiscovered(self) -> list[str]:
+        """Instances with no offerings yet, or unreachable at their last discovery."""
+        return [name for name, served in self.instances.items() if not served.offerings or not served.live]
+
+    def _retry_discovery(self) -> None:
+        """Discover instances that have no offerings (or were unreachable) again, on a short doubling backoff, so
+        a worker started while its vLLM slept or loaded offers its models soon after, not at the next Beat."""
+        settings = self.rt.settings
+        delay_s = settings.discovery_retry_s
+        while not self._stop.wait(delay_s):
+            missing = self._undiscovered()
+            for name in missing:
+                try:
+                    self.refresh(name)
+                except Exception:  # a retry round must never kill the worker
+                    log.exception("discovery retry failed for %s", name)
+            still_missing = bool(missing) and bool(self._undiscovered())
+            delay_s = min(delay_s * 2, settings.discovery_retry_max_s) if still_missing else settings.discovery_retry_s
 
     def _renew_leases(self) -> None:
         interval = max(0.05, self.rt.settings.lease_s / 3)

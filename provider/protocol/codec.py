@@ -315,12 +315,45 @@ def _string_leaves(value: object, out: list[str], depth: int = 0) -> list[str]:
     return out
 
 
+def _caller_content(payload: object) -> list[str]:
+    """The strings of the caller's own content in params: message texts, tool-call arguments, embedding inputs
+    and prompts. Field names and parameter values (temperature, max_tokens, logprobs, response_format, tool
+    schemas) are not content: vLLM's explanation of a bad parameter quotes those and must reach the caller."""
+    if not isinstance(payload, dict):
+        return _string_leaves(payload, [])
+    out: list[str] = []
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                _string_leaves(message, out)
+                continue
+            content = message.get("content")
+            if isinstance(content, list):
+                for part in content:
+                    values = part.values() if isinstance(part, dict) else [part]
+                    for value in values:
+                        _string_leaves(value, out)
+            else:
+                _string_leaves(content, out)
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    _string_leaves(function.get("arguments"), out)
+    else:
+        _string_leaves(messages, out)
+    for name in ("input", "prompt"):
+        _string_leaves(payload.get(name), out)
+    return out
+
+
 def _quotes_payload(message: str, payload: object) -> bool:
-    """Whether the message repeats a params string of 8+ characters, or any run of 23+ characters of one."""
+    """Whether the message repeats a content string (``_caller_content``) of 8+ characters, or any run of 23+
+    characters of one."""
     if payload is None:
         return False
     windows = {message[i : i + QUOTE_WINDOW_CHARS] for i in range(len(message) - QUOTE_WINDOW_CHARS + 1)}
-    for leaf in _string_leaves(payload, []):
+    for leaf in _caller_content(payload):
         if len(leaf) < QUOTE_WINDOW_CHARS:
             if len(leaf) >= MIN_QUOTED_LEAF_CHARS and leaf in message:
                 return True

@@ -190,3 +190,20 @@ def test_error_message_is_capped() -> None:
     codec = producer()
     envelope = codec.error(None, MalformedError("x" * 5000))
     assert len(envelope["message"]) == 1024
+
+
+def test_error_message_explaining_a_parameter_is_kept() -> None:
+    """vLLM's explanation of a bad parameter names fields and values, not the caller's content: it is kept."""
+    from provider.errors import BadRequestError
+
+    codec = producer()
+    request = verified(codec, params={**PARAMS, "temperature": -1, "response_format": {"type": "json_schema"}})
+    for message in (
+        "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)",
+        "Requested sample logprobs of 50, which is greater than max allowed: 20 (parameter=logprobs, value=50)",
+        "1 validation error:\n  {'type': 'value_error', 'loc': 'body.response_format', 'input': {'type': "
+        "'json_schema'}}",
+        "max_tokens=999999 cannot be greater than max_model_len=2048. Please request fewer output tokens.",
+    ):
+        envelope = codec.error(request, BadRequestError(message, status_code=400))
+        assert envelope["message"] == message

@@ -623,3 +623,20 @@ def test_estimate_never_undercounts_bytes_over_three(text: str) -> None:
     estimate = estimate_tokens([{"role": "user", "content": text}])
     floor = math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE)
     assert estimate >= floor + MESSAGE_OVERHEAD_TOKENS + REPLY_PRIMING_TOKENS
+
+
+def test_capability_qualified_lanes_round_trip_and_are_chosen_only_when_asked() -> None:
+    """``.cap.<caps>``: built sorted, parsed back, and chosen only for a request that needs exactly those."""
+    from provider.lanes import capability_segment
+
+    lane = shared_lane_key("tiny-llama", context_window=2048, capabilities=["vision", "tools"])
+    assert lane == "llm.fleet.inference.tiny-llama.ctx2048.cap.tools-vision"
+    parsed = parse_lane(lane)
+    assert (parsed.capabilities, parsed.context_window, parsed.key) == ("tools-vision", 2048, lane)
+    assert capability_segment([]) is None
+    plain = shared_lane_key("tiny-llama", context_window=2048)
+    tools = shared_lane_key("tiny-llama", context_window=2048, capabilities=["tools"])
+    assert choose_lane([plain, tools], 100) == plain
+    assert choose_lane([plain, tools], 100, capabilities=["tools"]) == tools
+    with pytest.raises(NoLaneError):
+        choose_lane([plain], 100, capabilities=["tools"])

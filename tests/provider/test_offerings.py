@@ -658,3 +658,19 @@ def test_offerings_round_trip_as_json() -> None:
     lora = {"id": "sql-lora", "parent": "tiny-llama", "max_model_len": None}
     for offering in offerings_for_instance(instance(), [TINY_LLAMA, lora, {**MINILM, "is_embedding": True}]):
         assert Offering.model_validate(offering.model_dump(mode="json")) == offering
+
+
+def test_an_offering_with_tools_also_serves_its_capability_lanes() -> None:
+    """Tools (and vision) qualify lanes: an offering lists one lane per non-empty set of them; others none."""
+    from provider.offerings import Offering
+
+    both = Offering(model="m", instance_id="a", capabilities=["chat", "tools", "vision"], context_window=4096)
+    assert both.capability_lanes() == [
+        "llm.fleet.inference.m.ctx4096.cap.tools",
+        "llm.fleet.inference.m.ctx4096.cap.vision",
+        "llm.fleet.inference.m.ctx4096.cap.tools-vision",
+    ]
+    plain = Offering(model="m", instance_id="b", capabilities=["chat"], context_window=4096)
+    assert plain.capability_lanes() == []
+    with pytest.raises(ValueError, match="lacks tools"):
+        plain.lane("shared", capabilities=["tools"])

@@ -123,11 +123,12 @@ class TestTranscripts:
         assert json.loads(result.tool_calls[0].function.arguments) == {"city": "Paris"}
 
     def test_stream_aborted_by_sleep(self) -> None:
-        chunks = decode_transcript("chat_stream_aborted_by_sleep")
-        result = accumulate(chunks)
-        assert result.finish_reason == "abort"
-        assert result.usage.completion_tokens == 272
-        assert len(chunks) > 200
+        """An abort nobody asked for is a retryable failure, not a finished answer (issue 11, defect 3)."""
+        from provider.errors import GenerationAbortedError
+
+        with pytest.raises(GenerationAbortedError, match="after 272 chunks") as caught:
+            decode_transcript("chat_stream_aborted_by_sleep")
+        assert caught.value.retryable
 
     def test_completions_stream_is_not_a_chat_stream_but_decodes_without_content(self) -> None:
         chunks = decode_transcript("completions_stream")

@@ -50,4 +50,4 @@ def test_async_stream_raises_the_typed_error(fleet: Fleet) -> None:
 
     with pytest.raises(FleetError) as info:
         asyncio.run(main())
-    assert info.value.code == "stream_error"
+    assert info.value.code == "bad_request"

@@ -105,7 +105,7 @@ def test_error_frame_ends_the_stream_with_a_typed_error(fleet: Fleet) -> None:
     result = _submit()
     with pytest.raises(FleetError) as info:
         open_stream(result).text()
-    assert info.value.code == "stream_error"
+    assert info.value.code == "bad_request", "a 400 error frame reads as a 400 answer would"
     with pytest.raises(FleetError):
         result.get()
 
