@@ -96,8 +96,8 @@ class FleetRuntime:
         return int(pipe.execute()[0])
 
     def stream_sealer(self, request_id: str) -> EntrySealer:
-        """Seals a request's stream entries when encryption is on."""
-        return EntrySealer(self.codec.keyring if self.settings.security.encrypt else None, request_id)
+        """Signs (workers) and checks (producers) a request's stream entries; seals them when encryption is on."""
+        return EntrySealer(self.codec.keyring, request_id, encrypt=self.settings.security.encrypt)
 
     @property
     def amqp(self) -> bool:

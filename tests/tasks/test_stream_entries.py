@@ -35,9 +35,8 @@ def key(client: redis.Redis) -> Iterator[str]:
 
 @pytest.fixture(params=["sealed", "plain"])
 def sealer(request: pytest.FixtureRequest) -> EntrySealer:
-    if request.param == "plain":
-        return EntrySealer(None, "req-1")
-    return EntrySealer(KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1")), "req-1")
+    ring = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
+    return EntrySealer(ring, "req-1", encrypt=request.param == "sealed")
 
 
 def chunk_json(text: str) -> bytes:
@@ -45,7 +44,8 @@ def chunk_json(text: str) -> bytes:
 
 
 def add(client: redis.Redis, key: str, sealer: EntrySealer, kind: bytes, plain: bytes) -> str:
-    entry_id: Any = client.xadd(key, {"k": kind, "d": sealer.seal(plain)})
+    fields: Any = sealer.fields(kind, plain)
+    entry_id: Any = client.xadd(key, fields)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
