@@ -3,6 +3,7 @@ wrote for its request, and a worker runs nothing but fleet tasks (issue 10's att
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -92,3 +93,160 @@ def test_celery_built_in_tasks_are_refused_on_fleet_queues(
     stored = stored_meta(request_id)
     assert stored is not None
     assert b'"SUCCESS"' not in stored
+
+
+# ------------------------------------------------------------------------------ authenticated responses
+
+
+def store_forged(request_id: str, status: str, result: Any) -> None:
+    """Write a result record straight into the result backend, as anyone with Redis access can."""
+    from tasks import app
+
+    meta = {"status": status, "result": result, "traceback": None, "children": [], "task_id": request_id}
+    app.backend.client.set(app.backend.get_key_for_task(request_id), json.dumps(meta))
+
+
+def forged_failure(request_id: str) -> dict[str, Any]:
+    """A FAILURE record as Celery stores a FleetTaskError, carrying the forger's error envelope."""
+    envelope = {
+        "message_type": "llm.fleet.error",
+        "protocol_version": 2,
+        "code": "forger_code",
+        "category": "provider_error",
+        "message": "the forger speaks",
+        "error_class": "X",
+        "retryable": False,
+        "request_id": request_id,
+    }
+    return {"exc_type": "FleetTaskError", "exc_message": [envelope], "exc_module": "tasks.errors"}
+
+
+@pytest.mark.parametrize("status", ["SUCCESS", "FAILURE"])
+def test_a_result_no_worker_wrote_is_refused(fleet: Fleet, status: str) -> None:
+    """A SUCCESS with only usage/finish_reason, or a FAILURE with the forger's code: ``response_forged``."""
+    from tasks import chat
+
+    request_id = uuid.uuid4().hex
+    forged = forged_response(request_id, "forged") if status == "SUCCESS" else forged_failure(request_id)
+    if status == "SUCCESS":
+        forged.pop("content")  # usage and finish_reason only: what passed as an answer with encryption on
+    store_forged(request_id, status, forged)
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(request_id).get(timeout=1.0)
+    assert info.value.code == "response_forged"
+    assert "forger" not in info.value.message
+
+
+def test_a_forged_result_stored_before_the_worker_answers_does_not_hide_its_answer(fleet: Fleet) -> None:
+    from tests.tasks.test_bad_input import build, publish
+
+    envelope = build(fleet)
+    store_forged(envelope["request_id"], "SUCCESS", forged_response(envelope["request_id"], "forged early"))
+    reply = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
+    assert reply["content"] == "hello bad input"
+    stored = stored_meta(envelope["request_id"])
+    assert stored is not None
+    assert b"forged early" not in stored, "the worker's signed answer must replace the forgery"
+
+
+def test_a_forged_result_stored_after_the_worker_answered_does_not_hide_its_answer(fleet: Fleet) -> None:
+    from tasks import chat
+    from tests.tasks.test_bad_input import build, publish
+
+    envelope = build(fleet)
+    answer = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
+    store_forged(envelope["request_id"], "SUCCESS", forged_response(envelope["request_id"], "forged late"))
+    assert chat.AsyncResult(envelope["request_id"]).get(timeout=RESULT_TIMEOUT_S) == answer  # from the ledger
+
+
+def test_a_real_answer_moved_to_another_request_is_refused(fleet: Fleet) -> None:
+    """The worker's genuine answer copied under another request id (a replay across requests)."""
+    from tasks import chat
+    from tests.tasks.test_bad_input import build, publish
+
+    donor = build(fleet)
+    publish(donor).get(timeout=RESULT_TIMEOUT_S)
+    record = json.loads(stored_meta(donor["request_id"]) or b"{}")
+    victim = uuid.uuid4().hex
+    store_forged(victim, "SUCCESS", record["result"])
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(victim).get(timeout=1.0)
+    assert info.value.code == "response_forged"
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+def streamed(fleet: Fleet) -> Any:
+    """A finished stream_chat request whose stream holds several entries."""
+    from tasks import stream_chat
+
+    result = stream_chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": STREAM_TEXT}], max_tokens=64)
+    result.get(timeout=RESULT_TIMEOUT_S)
+    return result
+
+
+STREAM_TEXT = "one two three four five six"
+
+
+def stream_entries(fleet: Fleet, request_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    from tasks.runtime import runtime
+
+    entries: Any = fleet.state.xrange(runtime().keys.stream(request_id))
+    return list(entries)
+
+
+def rewrite_stream(fleet: Fleet, request_id: str, entries: list[dict[bytes, bytes]]) -> None:
+    """Replace a stream's entries with ``entries`` (as someone with Redis access can)."""
+    from tasks.runtime import runtime
+
+    key = runtime().keys.stream(request_id)
+    fleet.state.delete(key)
+    for fields in entries:
+        fleet.state.xadd(key, fields)  # type: ignore[arg-type]
+
+
+def read_text(request_id: str) -> str:
+    from tasks import open_stream
+
+    return open_stream(request_id, timeout_s=2.0).text()
+
+
+@pytest.mark.parametrize("attack", ["replayed", "done-copy", "re-kinded", "plaintext", "other-request"])
+def test_stream_readers_skip_entries_no_worker_wrote_there_and_read_the_genuine_ones(fleet: Fleet, attack: str) -> None:
+    """A re-XADDed entry is not read twice, a chunk copied as ``d`` or re-kinded ``r`` does not end or reset the
+    stream, a plaintext entry or one from another request is not read: the genuine text comes through whole."""
+    result = streamed(fleet)
+    other = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    first_chunk = genuine[0]
+    assert first_chunk[b"k"] in (b"c", b"b")
+    injected = {
+        "replayed": first_chunk,
+        "done-copy": {**first_chunk, b"k": b"d"},
+        "re-kinded": {**first_chunk, b"k": b"r"},
+        "plaintext": {b"k": b"c", b"d": b'{"content":"forged"}'},
+        "other-request": stream_entries(fleet, other.id)[0][1],
+    }[attack]
+    rewrite_stream(fleet, result.id, [genuine[0], injected, *genuine[1:]])
+    assert read_text(result.id) == STREAM_TEXT
+
+
+def test_a_truncated_stream_is_refused(fleet: Fleet) -> None:
+    fleet.simulator.configure(itl_s=0.02)  # one entry per chunk
+    result = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    assert len(genuine) >= 3
+    rewrite_stream(fleet, result.id, [genuine[0], *genuine[2:]])
+    with pytest.raises(FleetError) as info:
+        read_text(result.id)
+    assert info.value.code == "stream_gap"
+
+
+def test_a_stream_of_forged_entries_only_never_ends_as_genuine(fleet: Fleet) -> None:
+    """Everything forged: nothing is read, and the reader ends at its deadline with a typed error."""
+    result = streamed(fleet)
+    rewrite_stream(fleet, result.id, [{b"k": b"c", b"d": b'{"content":"forged"}'}, {b"k": b"d", b"d": b"{}"}])
+    with pytest.raises(FleetError) as info:
+        read_text(result.id)
+    assert info.value.code == "fleet_timeout"
