@@ -69,7 +69,7 @@ def _flower_auth() -> str:
 
 def _keys_env() -> dict[str, str]:
     keys = RUN / "keys"
-    if not (keys / "signing").exists():
+    if not (keys / "signing").exists() or not (keys / "worker").exists():
         subprocess.run(
             [str(BIN / "vllm-fleet"), "keys", "generate", "--dir", str(keys)], check=True, stdout=subprocess.DEVNULL
         )
@@ -79,6 +79,10 @@ def _keys_env() -> dict[str, str]:
         "VLLM_FLEET_SECURITY__VERIFY_KEYS_DIR": str(keys / "verify"),
         "VLLM_FLEET_SECURITY__ENCRYPTION_KID": "e1",
         "VLLM_FLEET_SECURITY__ENCRYPTION_KEYS_DIR": str(keys / "sealing"),
+        # one env for the workers and the sample producer: the workers' answer key, and what verifies it
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID": "w1",
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE": str(keys / "worker" / "w1.pem"),
+        "VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR": str(keys / "response-verify"),
     }
 
 

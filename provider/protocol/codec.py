@@ -556,6 +556,8 @@ class EnvelopeCodec:
     def _open_response(
         self, envelope: object, *, request_id: str, lane: str | None, operation: str | None
     ) -> dict[str, Any]:
+        if not self._keys.response_verify_kids:
+            raise KeyConfigurationError("no worker response keys are configured here (response_verify_keys)")
         try:
             data = self._load(envelope)
         except EnvelopeError:
