@@ -564,6 +564,12 @@ class EnvelopeCodec:
             raise response_forged() from None
         if not self.answer_is_authentic(data):
             raise response_forged()
+        return self._read_answer(data, request_id=request_id, lane=lane, operation=operation)
+
+    def _read_answer(
+        self, data: dict[str, Any], *, request_id: str, lane: str | None, operation: str | None
+    ) -> dict[str, Any]:
+        """An answer's content once its signature is checked: bound to this request, opened, validated."""
         if data.get("request_id") != request_id:
             raise response_forged("the answer was signed for another request")
         for name, expected in (("routing_key", lane), ("operation", operation)):
@@ -692,7 +698,13 @@ class EnvelopeCodec:
     def response(
         self, verified: VerifiedRequest, body: Mapping[str, Any], *, include_reasoning: bool | None = None
     ) -> dict[str, Any]:
-        """A response envelope, its payload sealed when encryption is on; reasoning only when asked for."""
+        """A response envelope signed by this worker, its payload sealed when encryption is on; reasoning only
+        when asked for."""
+        return self.sign_answer(self._unsigned_response(verified, body, include_reasoning))
+
+    def _unsigned_response(
+        self, verified: VerifiedRequest, body: Mapping[str, Any], include_reasoning: bool | None
+    ) -> dict[str, Any]:
         unknown = set(body) - set(SEALED_RESPONSE_FIELDS) - set(PLAIN_RESPONSE_FIELDS)
         if unknown:
             raise MalformedError("the response body has unexpected fields", field="body")
@@ -711,7 +723,7 @@ class EnvelopeCodec:
         envelope = {name: value for name, value in envelope.items() if value is not None}
         self._validate(ResponseEnvelope, {**envelope, **payload})
         if not self._encrypt:
-            return self.sign_answer({**envelope, **payload})
+            return {**envelope, **payload}
         try:
             plaintext = canonical_json(payload)
         except CanonicalizationError:
@@ -719,7 +731,7 @@ class EnvelopeCodec:
         envelope["sealed_body"] = seal(
             self._keys, plaintext, purpose=PURPOSE_RESULT, request_id=verified.request_id, lane=verified.lane
         )
-        return self.sign_answer(envelope)
+        return envelope
 
     def error(self, source: VerifiedRequest | Mapping[str, Any] | None, exc: BaseException) -> dict[str, Any]:
         """An error envelope, with the ids when known; its message never quotes the params."""
