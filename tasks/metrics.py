@@ -33,6 +33,7 @@ __all__ = [
     "FORGED_STREAM_ENTRIES",
     "HAND_BACKS",
     "IN_FLIGHT",
+    "REFUSED_REGISTRY_RECORDS",
     "REQUESTS",
     "REQUEST_SECONDS",
     "RETRIES",
@@ -52,6 +53,11 @@ FORGED_STREAM_ENTRIES = Counter(
     "vllm_fleet_refused_stream_entries_total",
     "Stream entries readers skipped: not signed by a worker for the request, or repeated",
     ["code"],
+)
+REFUSED_REGISTRY_RECORDS = Counter(
+    "vllm_fleet_refused_registry_records_total",
+    "Registry records readers skipped: not JSON, not signed by a worker, or invalid",
+    ["reason"],
 )
 UNDECODABLE_MESSAGES = Counter(
     "vllm_fleet_undecodable_messages_total",

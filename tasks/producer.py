@@ -287,6 +287,9 @@ class FleetTask(Task):  # type: ignore[type-arg]
         if model is None:
             raise FleetError(f"{operation} needs a model", code="invalid_request", retryable=False)
         choice = pick_lane(operation, model, params, rt)
+        if choice["model"] != model:  # an alias: the request names the offering's exact served id
+            model = choice["model"]
+            params = {**params, "model": model}
         envelope = build(choice["lane"], choice["instance"])
         return self._publish(envelope, producer=producer, options=publish_options)
 

@@ -15,9 +15,11 @@ from typing import Any
 from redis import Redis
 
 from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
+from provider.protocol.records import RecordAuthenticator
 from provider.redis_keys import RedisKeys
 from provider.registry import OfferingRegistry
 from provider.settings import Settings, get_settings
+from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import broker_is_amqp
 from tasks.streams import EntrySealer
 
@@ -73,7 +75,13 @@ class FleetRuntime:
     @cached_property
     def registry(self) -> OfferingRegistry:
         """Live offerings and instances."""
-        return OfferingRegistry(self.redis, self.keys, ttl_s=self.settings.registry_ttl_s)
+        return OfferingRegistry(
+            self.redis,
+            self.keys,
+            ttl_s=self.settings.registry_ttl_s,
+            records=RecordAuthenticator(self.codec.keyring),
+            on_refused=lambda reason: REFUSED_REGISTRY_RECORDS.labels(reason=reason).inc(),
+        )
 
     @cached_property
     def broker_redis(self) -> Redis:

@@ -250,3 +250,88 @@ def test_a_stream_of_forged_entries_only_never_ends_as_genuine(fleet: Fleet) -> 
     with pytest.raises(FleetError) as info:
         read_text(result.id)
     assert info.value.code == "fleet_timeout"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def registry_count(reason: str) -> float:
+    from tests.tasks.test_bad_input import sample
+
+    return sample("vllm_fleet_refused_registry_records_total", reason=reason)
+
+
+def plant_offering(offering_id: str, value: str | bytes) -> None:
+    """Put a record into the registry directly, as anyone with Redis access can."""
+    import time
+
+    from tasks.runtime import runtime
+
+    rt = runtime()
+    rt.redis.set(rt.keys.offering(offering_id), value, px=30_000)
+    rt.redis.zadd(rt.keys.offerings, {offering_id: time.time() + 30})
+
+
+def real_offering() -> Any:
+    from tasks.runtime import runtime
+
+    return next(o for o in runtime().registry.all() if o.model == CHAT_MODEL)
+
+
+def assert_routes_to_the_real_lane() -> None:
+    from tasks import chat
+    from tasks.routing import invalidate_route_cache
+
+    invalidate_route_cache()
+    assert lane_of(CHAT_MODEL) == real_offering().shared_lane
+    reply = chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": "routed"}], max_tokens=8)
+    assert reply.get(timeout=RESULT_TIMEOUT_S)["content"] == "routed"
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "worker-signed"])
+def test_a_record_whose_alias_is_not_its_models_own_never_redirects_it(fleet: Fleet, signed: bool) -> None:
+    """``model="qwen3-6-27b", canonical_alias="attacker-lane"``, planted with Redis access (no signature) or even
+    signed with a worker key: the model's requests still go to its own lane."""
+    from tasks.runtime import runtime
+
+    poisoned = real_offering().model_copy(
+        update={"offering_id": f"vllm:evil:inference:{uuid.uuid4().hex[:6]}", "canonical_alias": "attacker-lane"}
+    )
+    before = registry_count("offering_unauthenticated" if not signed else "offering_alias_mismatch")
+    if signed:
+        runtime().registry.register([poisoned], ttl_s=30)
+    else:
+        plant_offering(poisoned.offering_id, json.dumps({"record": poisoned.model_dump(mode="json")}))
+    try:
+        assert_routes_to_the_real_lane()
+        reason = "offering_unauthenticated" if not signed else "offering_alias_mismatch"
+        assert registry_count(reason) > before
+    finally:
+        runtime().registry.unregister([poisoned.offering_id])
+
+
+@pytest.mark.parametrize("value", [b"not json {", b'{"record": {"model": 1}}', b"[]"], ids=["text", "bad", "list"])
+def test_a_malformed_registry_record_is_skipped_and_counted(fleet: Fleet, value: bytes) -> None:
+    from tasks.runtime import runtime
+
+    offering_id = f"vllm:junk:inference:{uuid.uuid4().hex[:6]}"
+    before = registry_count("offering_unauthenticated")
+    plant_offering(offering_id, value)
+    try:
+        assert_routes_to_the_real_lane()
+        assert registry_count("offering_unauthenticated") > before
+    finally:
+        runtime().registry.unregister([offering_id])
+
+
+# ------------------------------------------------------------------------------------------- model names
+
+
+@pytest.mark.parametrize("name", ["QWEN3-6-27B", "qwen3-6-27b\u200b", "qwen3.6.27b"], ids=["case", "zwsp", "dots"])
+def test_a_model_name_that_only_matches_once_slugged_is_refused_at_submit(fleet: Fleet, name: str) -> None:
+    from tasks import chat
+
+    with pytest.raises(FleetError) as info:
+        chat.delay(model=name, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "no_fleet_queue"
+    assert info.value.message == f"unknown model {name!r}; did you mean {CHAT_MODEL!r}?"
