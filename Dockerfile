@@ -18,9 +18,9 @@ RUN pip install ".[simulator,flower]" \
 # A non-root user; the key and Beat directories belong to it so that fresh named volumes mounted there do too.
 RUN groupadd --system --gid 10001 fleet \
     && useradd --system --uid 10001 --gid fleet --home-dir /home/fleet --create-home --shell /usr/sbin/nologin fleet \
-    && mkdir -p /keys/signing /keys/verify /keys/sealing /data \
+    && mkdir -p /keys/signing /keys/verify /keys/sealing /keys/worker /keys/response-verify /data \
     && chown -R fleet:fleet /keys /data \
-    && chmod 700 /keys/signing /keys/verify /keys/sealing
+    && chmod 700 /keys/signing /keys/verify /keys/sealing /keys/worker /keys/response-verify
 
 USER fleet
 WORKDIR /home/fleet

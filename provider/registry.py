@@ -3,21 +3,32 @@
 Each offering is stored as JSON under its own key with an expiry, and indexed in a sorted set scored by that
 expiry, so a reader ignores entries whose worker stopped renewing them even before Redis expires the key.
 Instances are recorded the same way with the management queue their worker consumes.
+
+Records are signed by the worker that writes them (``provider.protocol.records``). A reader given a
+``RecordAuthenticator`` skips, logs and counts (``refused``, and ``on_refused``) any record that does not parse,
+that no worker key signed, or that does not validate; one bad record never stops routing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from provider.lanes import normalize_usage_type, slug
 from provider.offerings import Offering, normalize_capability
+from provider.protocol.records import RecordAuthenticator, unwrap_unverified
 from provider.redis_keys import RedisKeys
+
+log = logging.getLogger("provider.registry")
+_VERIFIED_CACHE_SIZE = 4096
 
 __all__ = ["CachedRegistry", "InstanceRecord", "OfferingRegistry"]
 
@@ -27,10 +38,72 @@ InstanceRecord = dict[str, Any]
 class OfferingRegistry:
     """Register, renew and read offerings and instances shared by producers and workers."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, *, ttl_s: float = 90.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        *,
+        ttl_s: float = 90.0,
+        records: RecordAuthenticator | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._redis = client
         self._keys = keys
         self.ttl_s = ttl_s
+        self._records = records
+        self._on_refused = on_refused
+        self.refused: Counter[str] = Counter()
+        self._verified: dict[bytes, Offering] = {}
+
+    def _wrap(self, kind: str, record: dict[str, Any]) -> str:
+        if self._records is None:
+            return json.dumps({"record": record}, separators=(",", ":"))
+        return self._records.wrap(kind, record)
+
+    def _refuse(self, kind: str, reason: str) -> None:
+        label = f"{kind}_{reason}"
+        self.refused[label] += 1
+        log.warning("skipping a registry %s record: %s", kind, reason)
+        if self._on_refused is not None:
+            self._on_refused(label)
+
+    def _open(self, kind: str, raw: bytes | str) -> dict[str, Any] | None:
+        """A stored record's content when it parses and (with an authenticator) a worker signed it."""
+        if self._records is None:
+            record = unwrap_unverified(raw)
+            if record is None:
+                self._refuse(kind, "malformed")
+            return record
+        record = self._records.open(kind, raw)
+        if record is None:
+            self._refuse(kind, "unauthenticated")
+        return record
+
+    def _offering(self, raw: bytes | str) -> Offering | None:
+        """One stored offering, or None (skipped and counted) when it is not a worker's valid record."""
+        data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+        known = self._verified.get(data)
+        if known is not None:
+            return known
+        record = self._open("offering", raw)
+        if record is None:
+            return None
+        try:
+            offering = Offering.model_validate(record)
+        except ValidationError:
+            self._refuse("offering", "invalid")
+            return None
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[data] = offering
+        return offering
+
+    def _instance(self, raw: bytes | str) -> InstanceRecord | None:
+        record = self._open("instance", raw)
+        if record is not None and not isinstance(record.get("name"), str):
+            self._refuse("instance", "invalid")
+            return None
+        return record
 
     def register(self, offerings: Iterable[Offering], *, ttl_s: float | None = None) -> int:
         """Write (or renew) offerings with an expiry; returns how many were written."""
@@ -39,7 +112,8 @@ class OfferingRegistry:
         pipe = self._redis.pipeline(transaction=False)
         count = 0
         for offering in offerings:
-            pipe.set(self._keys.offering(offering.offering_id), offering.model_dump_json(), px=int(ttl * 1000))
+            value = self._wrap("offering", offering.model_dump(mode="json"))
+            pipe.set(self._keys.offering(offering.offering_id), value, px=int(ttl * 1000))
             pipe.zadd(self._keys.offerings, {offering.offering_id: expires_at})
             count += 1
         if count:
@@ -69,13 +143,14 @@ class OfferingRegistry:
         ids = self.live_ids()
         if not ids:
             return []
-        values = self._redis.mget([self._keys.offering(i) for i in ids])
-        return [Offering.model_validate_json(v) for v in values if v]
+        values: Any = self._redis.mget([self._keys.offering(i) for i in ids])
+        found = (self._offering(v) for v in values if v)
+        return [offering for offering in found if offering is not None]
 
     def find(self, offering_id: str) -> Offering | None:
-        """One offering by id, when live."""
-        value = self._redis.get(self._keys.offering(offering_id))
-        return Offering.model_validate_json(value) if value else None
+        """One offering by id, when live (and a worker's valid record)."""
+        value: Any = self._redis.get(self._keys.offering(offering_id))
+        return self._offering(value) if value else None
 
     def find_by_model_alias(self, alias: str) -> list[Offering]:
         """Live offerings of a model, by its canonical alias or its served name (slugs compare equal)."""
@@ -110,7 +185,7 @@ class OfferingRegistry:
         ttl = ttl_s or self.ttl_s
         name = str(record["name"])
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(self._keys.instance(name), json.dumps(record), px=int(ttl * 1000))
+        pipe.set(self._keys.instance(name), self._wrap("instance", dict(record)), px=int(ttl * 1000))
         pipe.zadd(self._keys.instances, {name: time.time() + ttl})
         pipe.execute()
 
@@ -134,13 +209,15 @@ class OfferingRegistry:
         ]
         if not names:
             return []
-        values = self._redis.mget([self._keys.instance(n) for n in names])
-        return [json.loads(v) for v in values if v]
+        values: Any = self._redis.mget([self._keys.instance(n) for n in names])
+        found = (self._instance(v) for v in values if v)
+        return [record for record in found if record is not None]
 
     def instance(self, name: str) -> InstanceRecord | None:
-        """One instance's record, when its worker is alive."""
-        value = self._redis.get(self._keys.instance(name))
-        return json.loads(value) if value else None
+        """One instance's record, when its worker is alive (and a worker wrote it)."""
+        value: Any = self._redis.get(self._keys.instance(name))
+        record = self._instance(value) if value else None
+        return record if record is not None and record.get("name") == name else None
 
 
 class CachedRegistry:

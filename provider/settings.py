@@ -202,6 +202,12 @@ class SecuritySettings(BaseModel):
     leeway_s: float = 30.0
     max_envelope_bytes: int = 1_048_576
     replay_memory_s: float = 600.0
+    # Workers sign every response, error and stream entry (Ed25519); producers verify with the public keys.
+    response_signing_key: SecretStr | None = None
+    response_signing_key_file: Path | None = None
+    response_signing_kid: str = "w1"
+    response_verify_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    response_verify_keys_dir: Path | None = None
 
 
 class Settings(BaseSettings):

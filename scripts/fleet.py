@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,7 +225,9 @@ def _flower_auth() -> str:
 
 def _keys_env() -> dict[str, str]:
     keys = RUN / "keys"
-    if not (keys / "signing" / "k1.pem").exists():
+    if not (keys / "signing" / "k1.pem").exists() or not (keys / "worker" / "w1.pem").exists():
+        if keys.exists():  # keys from an older `make fleet` (no worker key): a local fleet makes a whole new set
+            shutil.rmtree(keys)
         generated = subprocess.run(
             [str(BIN / "vllm-fleet"), "keys", "generate", "--dir", str(keys)],
             stdout=subprocess.DEVNULL,
@@ -240,6 +243,10 @@ def _keys_env() -> dict[str, str]:
         "VLLM_FLEET_SECURITY__VERIFY_KEYS_DIR": str(keys / "verify"),
         "VLLM_FLEET_SECURITY__ENCRYPTION_KID": "e1",
         "VLLM_FLEET_SECURITY__ENCRYPTION_KEYS_DIR": str(keys / "sealing"),
+        # one env for the workers and the sample producer: the workers' answer key, and what verifies it
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID": "w1",
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE": str(keys / "worker" / "w1.pem"),
+        "VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR": str(keys / "response-verify"),
     }
 
 

@@ -105,11 +105,17 @@ def main() -> None:
             **base,
             **fleet,
             "VLLM_FLEET_SECURITY__VERIFY_KEYS_DIR": str(keys / "verify"),
+            "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE": str(keys / "worker" / "w1.pem"),
             "VLLM_FLEET_INSTANCES": json.dumps(
                 {"gpu-1": {"base_url": f"http://127.0.0.1:{sim_port}", "concurrency": 8}}
             ),
         }
-        producer_env = {**base, **fleet, "VLLM_FLEET_SECURITY__SIGNING_KEY_FILE": str(keys / "signing" / "k1.pem")}
+        producer_env = {
+            **base,
+            **fleet,
+            "VLLM_FLEET_SECURITY__SIGNING_KEY_FILE": str(keys / "signing" / "k1.pem"),
+            "VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR": str(keys / "response-verify"),
+        }
         sim_argv = [str(BIN / "vllm-sim"), "--port", str(sim_port), "--model", f"{CHAT_MODEL}:32768"]
         sim_argv += ["--embed-model", f"{EMBED_MODEL}:256", "--text-mode", "lorem"]
         spawn("simulator", [*sim_argv, "--itl-ms", "15", "--output-tokens", "24"], base)

@@ -53,7 +53,7 @@ async def astream(
     sealer = rt.stream_sealer(task_id)
     cursor = StreamCursor(start_id)
     try:
-        entries: Any = await client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.skip else []
+        entries: Any = await client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.reread else []
         while True:
             for _, item in cursor.items(entries, sealer):
                 yield item

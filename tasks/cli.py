@@ -1,6 +1,6 @@
 """``vllm-fleet``: the command line people use every day with the fleet.
 
-    vllm-fleet keys generate --dir keys          # Ed25519 signing pair + AES sealing key, and the env lines
+    vllm-fleet keys generate --dir keys          # Ed25519 request and response pairs + AES key, and the env lines
     vllm-fleet worker [--processes K]            # a worker for the configured instances (threads pool)
     vllm-fleet beat                              # the periodic discovery refresh (run exactly one)
     vllm-fleet chat MODEL "prompt" [--stream]    # submit a chat; --stream prints tokens as they come
@@ -86,22 +86,32 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     pair = generate_keypair(args.kind, kid=args.kid)
     sealing = generate_encryption_key(kid=args.encryption_kid)
+    worker = generate_keypair("ed25519", kid=args.worker_kid)  # responses are always Ed25519
     private_name, *public_names = pair.files()
     files = pair.files()
+    worker_private, worker_public = worker.files()
     layout = {
         root / "signing" / private_name: files[private_name],
         **{root / "verify" / name: files[name] for name in (public_names or [private_name])},
         **{root / "sealing" / name: text for name, text in sealing.files().items()},
+        root / "worker" / worker_private: worker.private,
+        root / "response-verify" / worker_public: worker.public,
     }
     write_key_files(layout)
     algorithm = "HS256" if args.kind == "hs256" else {"ed25519": "EdDSA", "rs256": "RS256", "es256": "ES256"}[args.kind]
-    console.print(f"# keys written under {root}/ (signing/: producers only; verify/: workers; sealing/: both)")
+    console.print(
+        f"# keys written under {root}/ (signing/: producers only; verify/: workers; sealing/: both; "
+        "worker/: workers only, signs answers; response-verify/: producers)"
+    )
     console.print(f"VLLM_FLEET_SECURITY__ALGORITHM={algorithm}")
     console.print(f"VLLM_FLEET_SECURITY__SIGNING_KID={pair.kid}")
     console.print(f"VLLM_FLEET_SECURITY__SIGNING_KEY_FILE={root / 'signing' / private_name}")
     console.print(f"VLLM_FLEET_SECURITY__VERIFY_KEYS_DIR={root / 'verify'}")
     console.print(f"VLLM_FLEET_SECURITY__ENCRYPTION_KID={sealing.kid}")
     console.print(f"VLLM_FLEET_SECURITY__ENCRYPTION_KEYS_DIR={root / 'sealing'}")
+    console.print(f"VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID={worker.kid}")
+    console.print(f"VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE={root / 'worker' / worker_private}")
+    console.print(f"VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR={root / 'response-verify'}")
     return 0
 
 
@@ -377,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--kid", default="k1", help="id of the new signing key (default: k1; k2 to rotate)")
     keys.add_argument("--encryption-kid", default="e1", help="id of the new sealing key (default: e1; e2 to rotate)")
+    keys.add_argument(
+        "--worker-kid", default="w1", help="id of the workers' Ed25519 response signing key (default: w1)"
+    )
     keys.set_defaults(run=_cmd_keys)
 
     worker = sub.add_parser("worker", help="run a worker for the configured instances")

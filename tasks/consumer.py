@@ -40,6 +40,7 @@ __all__ = [
     "UNDECODABLE_CONTENT_TYPE",
     "FleetConsumer",
     "UndecodableReason",
+    "fleet_task_names",
     "guard_redis_transport",
 ]
 
@@ -103,6 +104,16 @@ class FleetConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         guard_redis_transport()
+
+    def update_strategies(self) -> None:
+        """Celery's strategies for the fleet's own tasks only: any other name (Celery's built-ins such as
+        ``celery.accumulate`` or ``celery.chord_unlock`` included) is an unknown task here, dead-lettered and
+        answered with a typed error before anything runs, on every queue this worker consumes."""
+        super().update_strategies()
+        allowed = fleet_task_names(self.app)
+        strategies: dict[str, Any] = getattr(self, "strategies")  # noqa: B009 (not in the stubs)
+        for name in [name for name in strategies if name not in allowed]:
+            del strategies[name]  # the handler keeps this very dict: refuse in place
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """The body cannot be decoded (not JSON, a content type we do not accept, not a broker message at all)."""
@@ -229,6 +240,13 @@ class FleetConsumer(Consumer):
             backend.mark_as_failure(task_id, FleetTaskError(envelope), call_errbacks=False)
         except Exception as exc:  # the answer is a courtesy; the dead-lettered copy is what counts
             log.error("could not record the refusal of %s: %s", task_id, type(exc).__name__)
+
+
+def fleet_task_names(app: Any) -> frozenset[str]:
+    """The names of the fleet's own tasks (``FleetTask`` subclasses) registered on ``app``: all a worker runs."""
+    from tasks.producer import FleetTask
+
+    return frozenset(name for name, task in app.tasks.items() if isinstance(task, FleetTask))
 
 
 # --------------------------------------------------------------------------------------------- Redis transport

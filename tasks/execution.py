@@ -79,7 +79,9 @@ def _refuse(task: Task[Any, Any], rt: FleetRuntime, raw: Any, exc: EnvelopeError
     count_rejection(exc.code)
     if rt.ledger.peek(task_id) is not None or _has_stored_result(task):
         raise Ignore()
-    raise FleetTaskError(rt.codec.error(raw if isinstance(raw, dict) else None, exc))
+    # The error answers the id the caller reads (the task id), whatever the refused envelope claims.
+    source = {**(raw if isinstance(raw, dict) else {}), "request_id": task_id}
+    raise FleetTaskError(rt.codec.error(source, exc))
 
 
 def _has_stored_result(task: Task[Any, Any]) -> bool:

@@ -12,6 +12,8 @@
 | ``vllm_fleet_hand_backs_total`` | counter | instance |
 | ``vllm_fleet_in_flight_requests`` | gauge | instance |
 | ``vllm_fleet_circuit_open`` | gauge | instance: 0 closed, 1 half-open, 2 open |
+| ``vllm_fleet_refused_stream_entries_total`` | counter | code: entries readers skipped (forged, duplicate) |
+| ``vllm_fleet_refused_registry_records_total`` | counter | reason: registry records routers skipped |
 
 ``serve_metrics(port)`` starts the HTTP endpoint. Under prefork, set ``PROMETHEUS_MULTIPROC_DIR`` (as
 prometheus_client documents): children write their samples there and the endpoint aggregates them.
@@ -28,8 +30,10 @@ __all__ = [
     "CIRCUIT_OPEN",
     "CIRCUIT_VALUES",
     "ENVELOPE_REJECTIONS",
+    "FORGED_STREAM_ENTRIES",
     "HAND_BACKS",
     "IN_FLIGHT",
+    "REFUSED_REGISTRY_RECORDS",
     "REQUESTS",
     "REQUEST_SECONDS",
     "RETRIES",
@@ -44,6 +48,16 @@ _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 ENVELOPE_REJECTIONS = Counter(
     "vllm_fleet_envelope_rejections_total", "Envelopes refused by workers, by error code", ["code"]
+)
+FORGED_STREAM_ENTRIES = Counter(
+    "vllm_fleet_refused_stream_entries_total",
+    "Stream entries readers skipped: not signed by a worker for the request, or repeated",
+    ["code"],
+)
+REFUSED_REGISTRY_RECORDS = Counter(
+    "vllm_fleet_refused_registry_records_total",
+    "Registry records readers skipped: not JSON, not signed by a worker, or invalid",
+    ["reason"],
 )
 UNDECODABLE_MESSAGES = Counter(
     "vllm_fleet_undecodable_messages_total",

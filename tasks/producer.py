@@ -19,6 +19,7 @@ to its own lane unchanged. The returned ``FleetResult.get()`` opens the response
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, ClassVar, cast
@@ -31,7 +32,8 @@ from pydantic import BaseModel, ValidationError
 
 from provider.models import ChatRequest, EmbedRequest
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
-from tasks.errors import FleetTaskError, error_as_dict, fleet_error_from_envelope
+from provider.protocol.errors import RESPONSE_FORGED
+from tasks.errors import FleetTaskError, error_as_dict
 from tasks.routing import live_instances, pick_lane, pick_management_queue, queue_for
 from tasks.runtime import FleetRuntime, runtime
 
@@ -44,6 +46,8 @@ __all__ = [
     "ManagementParams",
 ]
 
+log = logging.getLogger("tasks.producer")
+
 PRIORITIES = {"critical": 9, "high": 7, "normal": 5, "low": 2}
 FLEET_OPTIONS = (
     "timeout_s",
@@ -55,6 +59,7 @@ FLEET_OPTIONS = (
     "fleet_priority",
 )
 _RESULT_GRACE_S = 2.0
+_AUTHENTIC_POLL_S = 0.05
 _REDIS_LOWEST_PRIORITY = 9  # kombu's Redis transport serves 0 first: AMQP priorities are inverted there
 _MANAGEMENT = MANAGEMENT_OPERATIONS
 
@@ -132,26 +137,76 @@ def _problem(error: Any) -> str:
 
 
 class FleetResult(AsyncResult):  # type: ignore[type-arg]
-    """An ``AsyncResult`` that opens response envelopes and raises typed ``FleetError``s."""
+    """An ``AsyncResult`` that opens response envelopes and raises typed ``FleetError``s.
+
+    Only what a fleet worker signed for this request is returned. A stored value that is not (a forgery, or an
+    early write by someone with Redis access) never hides the worker's answer: the result waits, up to the
+    deadline, for an authentic one in the result backend or the worker's ledger, and otherwise raises
+    ``FleetError(code="response_forged")``.
+    """
 
     deadline: float | None = None
+    lane: str | None = None
+    operation: str | None = None
 
     def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
         """The opened response; waits at most until the request's deadline (plus a short grace)."""
         if timeout is None and self.deadline is not None:
             timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
+        until = time.monotonic() + (timeout if timeout is not None else runtime().settings.timeouts.longest_s)
+        candidate: Any = None
         try:
-            raw = super().get(timeout=timeout, propagate=True, **kwargs)
+            candidate = super().get(timeout=timeout, propagate=True, **kwargs)
         except CeleryTimeoutError:
             raise FleetError("no result before the request's deadline", code="fleet_timeout", retryable=True) from None
         except FleetTaskError as exc:
-            runtime().codec.open_response(exc.envelope, request_id=self.id)  # raises the typed FleetError
-            raise fleet_error_from_envelope(exc.envelope) from None
-        except Exception as exc:  # a revoked (expired) task, or a worker-side crash Celery reports
+            candidate = exc.envelope
+        except Exception as exc:  # a revoked (expired) task, or a failure no fleet worker signed
             if type(exc).__name__ in ("TaskRevokedError",):
                 raise FleetError("the request expired before a worker took it", code="fleet_timeout") from None
-            raise
-        return runtime().codec.open_response(raw, request_id=self.id)
+        try:
+            return self._open(candidate)
+        except FleetError as exc:
+            if exc.code != RESPONSE_FORGED:
+                raise
+            forged = exc
+        return self._authentic_answer(forged, until)
+
+    def _open(self, candidate: Any) -> Any:
+        """The response a worker signed for this request; its typed error; or ``response_forged``."""
+        return runtime().codec.open_response(candidate, request_id=self.id, lane=self.lane, operation=self.operation)
+
+    def _authentic_answer(self, forged: FleetError, until: float) -> Any:
+        """Wait for an answer a worker signed (result backend, then the worker's ledger) until ``until``."""
+        rt = runtime()
+        log.warning("ignoring an unauthenticated result for %s", self.id)
+        while True:
+            for candidate in self._candidates(rt):
+                try:
+                    return self._open(candidate)
+                except FleetError as exc:
+                    if exc.code != RESPONSE_FORGED:
+                        raise
+            if time.monotonic() >= until:
+                raise forged
+            time.sleep(_AUTHENTIC_POLL_S)
+
+    def _candidates(self, rt: FleetRuntime) -> list[Any]:
+        """What might be the worker's answer: the stored result as it is now, and the ledger's record."""
+        found: list[Any] = []
+        try:
+            meta = self.backend.get_task_meta(self.id, cache=False)
+        except Exception:
+            meta = {}
+        result = meta.get("result")
+        found.append(result.envelope if isinstance(result, FleetTaskError) else result)
+        try:
+            outcome = rt.ledger.lookup(self.id)
+        except ValueError:  # a record that is not JSON: not the worker's
+            outcome = None
+        if outcome is not None and outcome.result is not None:
+            found.append(outcome.result)
+        return found
 
 
 class FleetGroupResult:
@@ -181,8 +236,10 @@ class FleetTask(Task):  # type: ignore[type-arg]
     throws = (FleetTaskError,)
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> FleetResult:
-        """Results of fleet tasks open envelopes."""
-        return FleetResult(task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs)
+        """Results of fleet tasks open envelopes (answers for this task's operation only)."""
+        result = FleetResult(task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs)
+        result.operation = self.operation or None
+        return result
 
     def apply_async(  # type: ignore[override]
         self,
@@ -253,6 +310,9 @@ class FleetTask(Task):  # type: ignore[type-arg]
         if model is None:
             raise FleetError(f"{operation} needs a model", code="invalid_request", retryable=False)
         choice = pick_lane(operation, model, params, rt)
+        if choice["model"] != model:  # an alias: the request names the offering's exact served id
+            model = choice["model"]
+            params = {**params, "model": model}
         envelope = build(choice["lane"], choice["instance"])
         return self._publish(envelope, producer=producer, options=publish_options)
 
@@ -284,6 +344,8 @@ class FleetTask(Task):  # type: ignore[type-arg]
                 ) from exc
             raise
         fleet_result = cast(FleetResult, result)
+        fleet_result.lane = lane
+        fleet_result.operation = envelope.get("operation")
         if timeout_s:
             fleet_result.deadline = time.time() + timeout_s
         return fleet_result

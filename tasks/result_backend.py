@@ -16,13 +16,21 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from provider.protocol.codec import WORKER_SIGNATURE_FIELD
+
 __all__ = ["FleetRedisBackend", "install"]
 
-# KEYS[1]: the task's meta key. ARGV[1]: the encoded meta (JSON), ARGV[2]: seconds to keep it (0: for ever).
-# A stored SUCCESS is kept; otherwise the new state is written, and published to the result consumers.
+# KEYS[1]: the task's meta key. ARGV[1]: the encoded meta (JSON), ARGV[2]: seconds to keep it (0: for ever),
+# ARGV[3]: the worker's signature when the value is a worker's signed answer, else "". A signed answer is written
+# over anything but itself (whatever else is stored may be a forgery: only the producer can tell, by the
+# signature); an unsigned state never replaces a stored SUCCESS. The new value is published to the result consumers.
 _STORE_UNLESS_SUCCEEDED_LUA = """
 local current = redis.call('GET', KEYS[1])
-if current then
+if current and ARGV[3] ~= '' then
+  if string.find(current, ARGV[3], 1, true) then
+    return 0
+  end
+elseif current then
   local ok, meta = pcall(cjson.decode, current)
   if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
     return 0
@@ -62,13 +70,34 @@ class FleetRedisBackend(RedisBackend):
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         expires = celery_backend.failure_expires if state == states.FAILURE else celery_backend.expires
-        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, expires))
+        signed = _answer_signature(result, state)
+        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, expires, signed))
         return result
 
-    def _store_unless_succeeded(self, key: Any, value: Any, expires: Any) -> Any:
+    def _store_unless_succeeded(self, key: Any, value: Any, expires: Any, signature: str = "") -> Any:
         if self._store_script is None:
             self._store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED_LUA)
-        return self._store_script(keys=[key], args=[value, int(expires or 0)])
+        return self._store_script(keys=[key], args=[value, int(expires or 0), signature])
+
+
+def _answer_signature(result: Any, state: str) -> str:
+    """The worker signature when this process stores a worker's signed answer (a response, or a typed error's
+    envelope), else "".
+
+    Only the worker's own code path stores such values here; anyone else writing to Redis directly never goes
+    through this method, and the producer checks the signature of whatever it reads anyway.
+    """
+    from tasks.errors import FleetTaskError
+
+    if state == states.SUCCESS:
+        envelope = result
+    elif state == states.FAILURE and isinstance(result, FleetTaskError):
+        envelope = result.envelope
+    else:
+        return ""
+    signature = envelope.get(WORKER_SIGNATURE_FIELD) if isinstance(envelope, dict) else None
+    sig = signature.get("sig") if isinstance(signature, dict) else None
+    return sig if isinstance(sig, str) and sig else ""
 
 
 def install(loader: Any) -> None:

@@ -19,9 +19,10 @@ from kombu import Queue
 
 from provider.event_bus import AmqpEventReader, read_events
 from provider.lanes import estimate_tokens, needed_context, slug
-from provider.offerings import LANE_CAPABILITIES, Offering
+from provider.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
 from provider.protocol import FleetError
 from provider.registry import CachedRegistry
+from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import CONTROL_QUEUE, lane_queue, management_queue_name
 from tasks.runtime import FleetRuntime, runtime
 
@@ -96,20 +97,57 @@ def _follow_events(rt: FleetRuntime, view: CachedRegistry) -> None:
 
 
 def _live_offerings(rt: FleetRuntime) -> list[Offering]:
-    return [o for o in _view(rt).all() if o.enabled and _is_routable(o)]
+    aliases = rt.settings.model_aliases
+    return [o for o in _view(rt).all() if o.enabled and _is_routable(o) and _alias_is_its_own(o, aliases)]
 
 
 def _is_routable(offering: Offering) -> bool:
     return offering.status != "unavailable"
 
 
+_warned_aliases: set[str] = set()
+
+
+def _alias_is_its_own(offering: Offering, aliases: dict[str, dict[str, str]]) -> bool:
+    """Whether an offering's lane alias is its model's own (the model itself, or its alias in the alias table).
+
+    A record whose alias names anything else would send that model's requests to a lane of the record's choosing:
+    it is skipped (logged and counted once per offering).
+    """
+    alias = offering.canonical_alias
+    if alias == offering.model.strip() or alias == canonical_alias_for(
+        offering.model, aliases, offering.provider_family
+    ):
+        return True
+    if offering.offering_id not in _warned_aliases:
+        _warned_aliases.add(offering.offering_id)
+        REFUSED_REGISTRY_RECORDS.labels(reason="offering_alias_mismatch").inc()
+        log.warning("skipping offering %s: its alias is not its model's own", offering.offering_id)
+    return False
+
+
 def _matches_model(offering: Offering, model: str) -> bool:
+    """The exact served id, or the exact alias (the one the alias table gives it)."""
+    return model in (offering.model, offering.canonical_alias)
+
+
+def _unknown_model(model: str, offerings: list[Offering]) -> FleetError:
+    """No offering serves exactly this name: name a close match (equal once slugged) when there is one."""
     wanted = slug(model)
-    return model in (offering.model, offering.canonical_alias) or wanted == slug(offering.canonical_alias)
+    close = sorted({name for o in offerings for name in (o.model, o.canonical_alias) if slug(name) == wanted})
+    if close:
+        return FleetError(f"unknown model {model!r}; did you mean {close[0]!r}?", code="no_fleet_queue")
+    known = sorted({o.canonical_alias for o in offerings})
+    return FleetError(
+        f"no live worker serves model {model!r} (served: {', '.join(known) or 'none'})",
+        code="no_fleet_queue",
+        retryable=False,
+    )
 
 
 class LaneChoice(dict[str, Any]):
-    """The lane picked for a request and the offering behind it (``lane``, ``offering_id``, ``instance``)."""
+    """The lane picked for a request and the offering behind it (``lane``, ``offering_id``, ``instance``, and
+    ``model``: the offering's exact served id, what the request must name)."""
 
 
 def _required_capabilities(operation: str, params: dict[str, Any]) -> list[str]:
@@ -141,15 +179,11 @@ def _has_images(messages: list[Any]) -> bool:
 def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRuntime | None = None) -> LaneChoice:
     """The lane a request must be published to; raises ``FleetError(no_fleet_queue)`` when none can serve it."""
     rt = rt or runtime()
-    offerings = [o for o in _live_offerings(rt) if _matches_model(o, model)]
+    live = _live_offerings(rt)
+    offerings = [o for o in live if _matches_model(o, model)]
     usage = "embedding" if operation == "embed" else "inference"
     if not offerings:
-        known = sorted({o.canonical_alias for o in _live_offerings(rt)})
-        raise FleetError(
-            f"no live worker serves model {model!r} (served: {', '.join(known) or 'none'})",
-            code="no_fleet_queue",
-            retryable=False,
-        )
+        raise _unknown_model(model, live)
     required = _required_capabilities(operation, params)
     eligible = [o for o in offerings if o.eligible_for(usage_type=usage, required_capabilities=required)]
     if not eligible:
@@ -162,14 +196,18 @@ def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRunti
     style = rt.settings.lanes.style
     if usage == "embedding":
         chosen = eligible[0]
-        return LaneChoice(lane=chosen.lane(style), offering_id=chosen.offering_id, instance=chosen.instance_id)
+        return LaneChoice(
+            lane=chosen.lane(style), offering_id=chosen.offering_id, instance=chosen.instance_id, model=chosen.model
+        )
     prompt = estimate_tokens(params.get("messages") or [], tools=params.get("tools"))
     chosen = _fitting_offering(eligible, prompt, params.get("max_tokens"), model)
     if style == "offering":
-        return LaneChoice(lane=chosen.offering_lane, offering_id=chosen.offering_id, instance=chosen.instance_id)
+        return LaneChoice(
+            lane=chosen.offering_lane, offering_id=chosen.offering_id, instance=chosen.instance_id, model=chosen.model
+        )
     lane_capabilities = [cap for cap in LANE_CAPABILITIES if cap in required]
     lane = chosen.lane("shared", capabilities=lane_capabilities)
-    return LaneChoice(lane=lane, offering_id=chosen.offering_id, instance="any")
+    return LaneChoice(lane=lane, offering_id=chosen.offering_id, instance="any", model=chosen.model)
 
 
 def _fitting_offering(offerings: list[Offering], prompt_estimate: int, max_tokens: Any, model: str) -> Offering:

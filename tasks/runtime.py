@@ -15,9 +15,11 @@ from typing import Any
 from redis import Redis
 
 from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
+from provider.protocol.records import RecordAuthenticator
 from provider.redis_keys import RedisKeys
 from provider.registry import OfferingRegistry
 from provider.settings import Settings, get_settings
+from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import broker_is_amqp
 from tasks.streams import EntrySealer
 
@@ -73,7 +75,13 @@ class FleetRuntime:
     @cached_property
     def registry(self) -> OfferingRegistry:
         """Live offerings and instances."""
-        return OfferingRegistry(self.redis, self.keys, ttl_s=self.settings.registry_ttl_s)
+        return OfferingRegistry(
+            self.redis,
+            self.keys,
+            ttl_s=self.settings.registry_ttl_s,
+            records=RecordAuthenticator(self.codec.keyring),
+            on_refused=lambda reason: REFUSED_REGISTRY_RECORDS.labels(reason=reason).inc(),
+        )
 
     @cached_property
     def broker_redis(self) -> Redis:
@@ -96,8 +104,8 @@ class FleetRuntime:
         return int(pipe.execute()[0])
 
     def stream_sealer(self, request_id: str) -> EntrySealer:
-        """Seals a request's stream entries when encryption is on."""
-        return EntrySealer(self.codec.keyring if self.settings.security.encrypt else None, request_id)
+        """Signs (workers) and checks (producers) a request's stream entries; seals them when encryption is on."""
+        return EntrySealer(self.codec.keyring, request_id, encrypt=self.settings.security.encrypt)
 
     @property
     def amqp(self) -> bool:

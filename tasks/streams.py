@@ -11,7 +11,12 @@ Each entry has a kind ``k`` and JSON data ``d``:
 | ``e`` | error: an error envelope; the stream ends |
 | ``x`` | cancelled by the producer or a revoke; the stream ends |
 
-When encryption is on, every entry's data is sealed (AES-256-GCM, bound to the request id), like results.
+When encryption is on, every entry's data is sealed (AES-256-GCM, bound to the request id), like results. Every
+entry is also signed by the worker (Ed25519, its response key ``w``): the signature ``s`` covers the request id,
+the kind, the entry's sequence number ``n`` (0, 1, 2, … in stream order) and the stored data. Readers skip (and
+count) an entry that does not verify or repeats a sequence number already read, so a copied, re-kinded or
+forged entry is never yielded and the genuine ones are read on; a genuine entry past a missing one (the stream
+was truncated) ends the read with ``FleetError(code="stream_gap")``.
 The stream is capped far above any response's chunk count and expires ``stream_retention_s`` after its end, so a
 reader may start late or resume from any entry id within that time and miss nothing.
 """
@@ -19,6 +24,7 @@ reader may start late or resume from any entry id within that time and miss noth
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -27,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import redis
-from pydantic import TypeAdapter
+from cryptography.exceptions import InvalidSignature
+from pydantic import TypeAdapter, ValidationError
 
 from provider.models import StreamChunk
-from provider.protocol import PURPOSE_STREAM, FleetError, KeyRing, open_sealed, seal
+from provider.protocol import PURPOSE_STREAM, EnvelopeError, FleetError, KeyRing, open_sealed, seal
 from tasks.errors import fleet_error_from_envelope
+from tasks.metrics import FORGED_STREAM_ENTRIES
 
 __all__ = [
     "KIND_CANCELLED",
@@ -61,7 +69,11 @@ READ_BLOCK_MS = 1000
 RELAY_BATCH = 512
 FLUSH_TIMEOUT_S = 10.0
 READ_BATCH = 512
+_STREAM_START = "0-0"
 _CHUNK_LIST = TypeAdapter(list[StreamChunk])
+_ENTRY_SIGNATURE_PREFIX = b"llm.fleet.stream.entry.v2"
+_MAX_SEQ_DIGITS = 12
+log = logging.getLogger("tasks.streams")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,25 +98,63 @@ class StreamReset:
 
 
 class EntrySealer:
-    """Seals and opens stream entry data for one request (a no-op when encryption is off)."""
+    """Seals (when encryption is on), numbers and signs one request's stream entries; checks them when read."""
 
-    def __init__(self, keyring: KeyRing | None, request_id: str) -> None:
+    def __init__(self, keyring: KeyRing, request_id: str, *, encrypt: bool = True) -> None:
         self._keyring = keyring
         self._request_id = request_id
+        self._encrypt = encrypt
+        self._next_seq = 0
+        self._lock = threading.Lock()
 
     def seal(self, data: bytes) -> bytes:
         """The stored form of an entry's data."""
-        if self._keyring is None:
+        if not self._encrypt:
             return data
         box = seal(self._keyring, data, purpose=PURPOSE_STREAM, request_id=self._request_id, lane="")
         return json.dumps(box, separators=(",", ":")).encode()
 
     def open(self, stored: bytes) -> bytes:
         """An entry's data from its stored form."""
-        if self._keyring is None:
+        if not self._encrypt:
             return stored
         box = json.loads(stored)
         return open_sealed(self._keyring, box, purpose=PURPOSE_STREAM, request_id=self._request_id, lane="")
+
+    def _signing_input(self, kind: bytes, seq: int, stored: bytes) -> bytes:
+        return b"%s\n%s\n%s\n%d\n%s" % (_ENTRY_SIGNATURE_PREFIX, self._request_id.encode(), kind, seq, stored)
+
+    def fields(self, kind: bytes, plain: bytes) -> dict[str, bytes]:
+        """The next entry of this stream as stored: kind, data (sealed), sequence number, worker kid, signature.
+
+        Entries must be added to Redis in the order this numbers them (one writer per stream does that)."""
+        stored = self.seal(plain)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        signature = self._keyring.response_signing_key().sign(self._signing_input(kind, seq, stored))
+        return {
+            "k": kind,
+            "d": stored,
+            "n": b"%d" % seq,
+            "w": self._keyring.response_signing_kid.encode(),
+            "s": signature,
+        }
+
+    def authentic(self, fields: dict[bytes, bytes]) -> tuple[bytes, int, bytes] | None:
+        """(kind, sequence number, opened data) of an entry a fleet worker signed for this request; else None."""
+        try:
+            kind, stored, number, kid, signature = (fields[name] for name in (b"k", b"d", b"n", b"w", b"s"))
+            if not number.isdigit() or len(number) > _MAX_SEQ_DIGITS:
+                return None
+            seq = int(number)
+            public = self._keyring.response_verify_key(kid.decode("ascii"))
+            if public is None:
+                return None
+            public.verify(signature, self._signing_input(kind, seq, stored))
+            return kind, seq, self.open(stored)
+        except (KeyError, ValueError, TypeError, InvalidSignature, EnvelopeError):
+            return None
 
 
 class _StreamState:
@@ -162,7 +212,8 @@ class ChunkRelay:
                 kind, plain = (
                     (KIND_CHUNK, chunks[0]) if len(chunks) == 1 else (KIND_CHUNKS, b"[%s]" % b",".join(chunks))
                 )
-                pipe.xadd(key, {"k": kind, "d": state.sealer.seal(plain)}, maxlen=max_len, approximate=True)
+                fields: Any = state.sealer.fields(kind, plain)
+                pipe.xadd(key, fields, maxlen=max_len, approximate=True)
             for cancel_key in streams:
                 pipe.exists(cancel_key)
             replies = pipe.execute()
@@ -246,8 +297,8 @@ class StreamWriter:
     def _append(self, kind: bytes, data: dict[str, Any], *, terminal: bool) -> None:
         self.flush()
         pipe = self._redis.pipeline(transaction=False)
-        stored = self._sealer.seal(json.dumps(data).encode())
-        pipe.xadd(self._key, {"k": kind, "d": stored}, maxlen=self._max_len, approximate=True)
+        fields: Any = self._sealer.fields(kind, json.dumps(data).encode())
+        pipe.xadd(self._key, fields, maxlen=self._max_len, approximate=True)
         if terminal:
             pipe.pexpire(self._key, self._retention_ms)
         pipe.execute()
@@ -269,7 +320,7 @@ def read_stream(
     remember where to resume: an entry id, or ``<entry id>/<n>`` inside an entry of several chunks.
     """
     cursor = StreamCursor(start_id)
-    entries: Any = client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.skip else []
+    entries: Any = client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.reread else []
     while True:
         try:
             for position, item in cursor.items(entries, sealer):
@@ -293,28 +344,55 @@ def read_stream(
 
 class StreamCursor:
     """A reader's place in a stream: the last entry read and, inside an entry of several chunks, how many of
-    them. Sync and async readers feed it the entries XRANGE/XREAD return and yield what it gives back."""
+    them, and the sequence number the next genuine entry must carry. Sync and async readers feed it the entries
+    XRANGE/XREAD return (from a position other than the start, beginning with the entry at that position:
+    ``reread``) and yield what it gives back."""
 
     def __init__(self, position: str) -> None:
         self.entry_id, self.skip = split_position(position)
+        self.reread = self.entry_id != _STREAM_START
+        self._whole = self.reread and self.skip == 0  # a bare entry id: that entry was read completely
+        self.next_seq: int | None = None if self.reread else 0
         self.ended = False
+        self.refused = 0
 
     def items(
         self, entries: Iterable[tuple[Any, dict[bytes, bytes]]], sealer: EntrySealer
     ) -> Iterator[tuple[str, StreamChunk | StreamReset]]:
         """Each item of ``entries`` past the cursor with the position just after it; stops at the stream's end
-        (``ended``), and raises ``FleetError`` at a failed one, after the items before it."""
+        (``ended``), and raises ``FleetError`` at a failed one, after the items before it. Entries no worker
+        signed for this request, or that repeat one already read, are skipped and counted (``refused``)."""
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             self.entry_id = entry_id
-            items = decode_entry(fields, entry_id, sealer)
+            checked = sealer.authentic(fields)
+            if checked is None:
+                self._refuse(entry_id, "response_forged")
+                continue
+            kind, seq, data = checked
+            first, self.next_seq = self.next_seq is None, self.next_seq if self.next_seq is not None else seq
+            if seq < self.next_seq:
+                self._refuse(entry_id, "stream_duplicate")
+                continue
+            if seq > self.next_seq:
+                raise FleetError(f"the stream lost {seq - self.next_seq} entries before {entry_id}", code="stream_gap")
+            self.next_seq = seq + 1
+            items = decode_entry(kind, data, entry_id)
+            whole, self._whole = first and self._whole, False
             skip, self.skip = self.skip, 0
             if items is None:
                 self.ended = True
                 return
+            if whole:
+                continue
             total = len(items)
             for index, item in enumerate(items[skip:], start=skip + 1):
                 yield (entry_id if index == total else f"{entry_id}/{index}"), item
+
+    def _refuse(self, entry_id: str, code: str) -> None:
+        self.refused += 1
+        FORGED_STREAM_ENTRIES.labels(code=code).inc()
+        log.warning("skipping stream entry %s: %s", entry_id, code)
 
 
 def split_position(position: str) -> tuple[str, int]:
@@ -325,24 +403,24 @@ def split_position(position: str) -> tuple[str, int]:
     return entry_id, int(consumed or 0)
 
 
-def decode_entry(
-    fields: dict[bytes, bytes], entry_id: str, sealer: EntrySealer
-) -> Sequence[StreamChunk | StreamReset] | None:
-    """What one stream entry yields to a reader; None at the successful end; ``FleetError`` for a failed one."""
-    kind = fields[b"k"]
-    data = sealer.open(fields[b"d"])
-    if kind == KIND_CHUNK:
-        return [StreamChunk.model_validate_json(data)]
-    if kind == KIND_CHUNKS:
-        return _CHUNK_LIST.validate_json(data)
-    if kind == KIND_RESET:
-        return [StreamReset(attempt=int(json.loads(data)["attempt"]), entry_id=entry_id)]
-    if kind == KIND_DONE:
-        return None
-    if kind == KIND_ERROR:
-        raise fleet_error_from_envelope(json.loads(data))
-    if kind == KIND_CANCELLED:
-        raise FleetError(json.loads(data).get("reason", "cancelled"), code="cancelled")
+def decode_entry(kind: bytes, data: bytes, entry_id: str) -> Sequence[StreamChunk | StreamReset] | None:
+    """What one authentic stream entry yields to a reader; None at the successful end; ``FleetError`` for a
+    failed one (and ``malformed`` for data a worker would not have written)."""
+    try:
+        if kind == KIND_CHUNK:
+            return [StreamChunk.model_validate_json(data)]
+        if kind == KIND_CHUNKS:
+            return _CHUNK_LIST.validate_json(data)
+        if kind == KIND_RESET:
+            return [StreamReset(attempt=int(json.loads(data)["attempt"]), entry_id=entry_id)]
+        if kind == KIND_DONE:
+            return None
+        if kind == KIND_ERROR:
+            raise fleet_error_from_envelope(json.loads(data))
+        if kind == KIND_CANCELLED:
+            raise FleetError(str(json.loads(data).get("reason", "cancelled")), code="cancelled")
+    except (ValueError, TypeError, KeyError, AttributeError, ValidationError):
+        raise FleetError("the stream holds an entry that cannot be read", code="malformed") from None
     raise FleetError("the stream holds an entry of an unknown kind", code="malformed")
 
 

@@ -16,6 +16,7 @@ calls ``check_deadline``.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import json
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar
 
 import jwt
+from cryptography.exceptions import InvalidSignature
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import DecodeError, PyJWTError
 from pydantic import BaseModel, ValidationError
@@ -65,6 +67,7 @@ from provider.protocol.errors import (
     PROVIDER_ERROR,
     ClaimMismatchError,
     EncryptionRequiredError,
+    EnvelopeError,
     ExpiredError,
     FleetError,
     InvalidSignatureError,
@@ -79,6 +82,8 @@ from provider.protocol.errors import (
     UnsupportedVersionError,
     WrongAudienceError,
     WrongIssuerError,
+    as_fleet_error,
+    response_forged,
     umbrella_code,
 )
 from provider.protocol.keys import KeyRing
@@ -95,6 +100,7 @@ from provider.settings import SecuritySettings
 __all__ = [
     "DEFAULT_PROVIDER",
     "REPLY_TO_PREFIX",
+    "WORKER_SIGNATURE_FIELD",
     "EnvelopeCodec",
     "VerifiedRequest",
 ]
@@ -146,6 +152,10 @@ _ERROR_ID_PATTERNS = {
     "routing_key": LANE_PATTERN,
 }
 _EMPTY_OBJECT_HASH = sha256_hex({})
+# A worker's signature over an answer covers this prefix and the RFC 8785 form of the envelope without it.
+WORKER_SIGNATURE_FIELD = "worker_signature"
+_ANSWER_SIGNATURE_PREFIX = b"llm.fleet.answer.v2\n"
+_ED25519_SIGNATURE_CHARS = 86
 _DECODER = json.JSONDecoder()
 # The size check bounds an envelope from string lengths; it serializes only when the bound is over the limit.
 MAX_JSON_BYTES_PER_CHAR = 6
@@ -560,15 +570,49 @@ class EnvelopeCodec:
             headers={"kid": self._keys.signing_kid, "typ": TOKEN_TYPE},
         )
 
-    def open_response(self, envelope: object, *, request_id: str, lane: str | None = None) -> dict[str, Any]:
-        """The plain response to this request; FleetError for an error envelope, EnvelopeError if invalid."""
-        data = self._load(envelope)
+    def open_response(
+        self, envelope: object, *, request_id: str, lane: str | None = None, operation: str | None = None
+    ) -> dict[str, Any]:
+        """The plain response a fleet worker signed for this request (and, when known, this lane and operation).
+
+        Raises ``FleetError``: the worker's typed error for an error envelope, ``response_forged`` for anything
+        no configured worker key signed or that answers another request, lane or operation, and the refusal's
+        own code for an authentic answer this side cannot open.
+        """
+        try:
+            return self._open_response(envelope, request_id=request_id, lane=lane, operation=operation)
+        except FleetError:
+            raise
+        except EnvelopeError as exc:
+            raise as_fleet_error(exc) from None
+
+    def _open_response(
+        self, envelope: object, *, request_id: str, lane: str | None, operation: str | None
+    ) -> dict[str, Any]:
+        if not self._keys.response_verify_kids:
+            raise KeyConfigurationError("no worker response keys are configured here (response_verify_keys)")
+        try:
+            data = self._load(envelope)
+        except EnvelopeError:
+            raise response_forged() from None
+        if not self.answer_is_authentic(data):
+            raise response_forged()
+        return self._read_answer(data, request_id=request_id, lane=lane, operation=operation)
+
+    def _read_answer(
+        self, data: dict[str, Any], *, request_id: str, lane: str | None, operation: str | None
+    ) -> dict[str, Any]:
+        """An answer's content once its signature is checked: bound to this request, opened, validated."""
+        if data.get("request_id") != request_id:
+            raise response_forged("the answer was signed for another request")
+        for name, expected in (("routing_key", lane), ("operation", operation)):
+            signed = data.get(name)
+            if expected is not None and signed is not None and signed != expected:
+                raise response_forged(f"the answer was signed for another {name.replace('_', ' ')}")
         check_legacy_fields(data)
         message_type = data.get("message_type")
         if message_type == ERROR_MESSAGE_TYPE:
             error = self._validate(ErrorEnvelope, data)
-            if error.request_id is not None and error.request_id != request_id:
-                raise ClaimMismatchError("the error envelope answers another request", field="request_id")
             raise FleetError(
                 error.message,
                 code=error.code,
@@ -580,11 +624,13 @@ class EnvelopeCodec:
         if message_type != RESPONSE_MESSAGE_TYPE:
             raise MalformedError("not a response or error envelope", field="message_type")
         response = self._validate(ResponseEnvelope, data)
-        if response.request_id != request_id:
-            raise ClaimMismatchError("the response answers another request", field="request_id")
-        if lane is not None and response.routing_key != lane:
-            raise ClaimMismatchError("the response comes from another lane", field="routing_key")
-        plain = {name: value for name, value in data.items() if name != "sealed_body" and value is not None}
+        if response.routing_key is None or response.operation is None:
+            raise response_forged("the response names no lane or operation")
+        plain = {
+            name: value
+            for name, value in data.items()
+            if name not in ("sealed_body", WORKER_SIGNATURE_FIELD) and value is not None
+        }
         if response.sealed_body is None:
             if self._encrypt and any(name in plain for name in SEALED_RESPONSE_FIELDS):
                 raise EncryptionRequiredError("the response payload must be sealed", field="sealed_body")
@@ -685,7 +731,13 @@ class EnvelopeCodec:
     def response(
         self, verified: VerifiedRequest, body: Mapping[str, Any], *, include_reasoning: bool | None = None
     ) -> dict[str, Any]:
-        """A response envelope, its payload sealed when encryption is on; reasoning only when asked for."""
+        """A response envelope signed by this worker, its payload sealed when encryption is on; reasoning only
+        when asked for."""
+        return self.sign_answer(self._unsigned_response(verified, body, include_reasoning))
+
+    def _unsigned_response(
+        self, verified: VerifiedRequest, body: Mapping[str, Any], include_reasoning: bool | None
+    ) -> dict[str, Any]:
         unknown = set(body) - set(SEALED_RESPONSE_FIELDS) - set(PLAIN_RESPONSE_FIELDS)
         if unknown:
             raise MalformedError("the response body has unexpected fields", field="body")
@@ -757,7 +809,42 @@ class EnvelopeCodec:
         }
         envelope = {name: value for name, value in envelope.items() if value is not None}
         self._validate(ErrorEnvelope, envelope)
-        return envelope
+        return self.sign_answer(envelope)
+
+    def sign_answer(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """The envelope with this worker's Ed25519 signature over all of it (``worker_signature``)."""
+        unsigned = {name: value for name, value in envelope.items() if name != WORKER_SIGNATURE_FIELD}
+        try:
+            signing_input = _ANSWER_SIGNATURE_PREFIX + canonical_json(unsigned)
+        except CanonicalizationError:
+            raise MalformedError("the answer has no canonical JSON form", field="body") from None
+        signature = self._keys.response_signing_key().sign(signing_input)
+        unsigned[WORKER_SIGNATURE_FIELD] = {
+            "kid": self._keys.response_signing_kid,
+            "sig": base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii"),
+        }
+        return unsigned
+
+    def answer_is_authentic(self, data: Mapping[str, Any]) -> bool:
+        """Whether a worker whose public key is configured here signed exactly this envelope."""
+        signature = data.get(WORKER_SIGNATURE_FIELD)
+        if not isinstance(signature, dict) or set(signature) != {"kid", "sig"}:
+            return False
+        kid, sig = signature["kid"], signature["sig"]
+        if not isinstance(kid, str) or not isinstance(sig, str) or len(sig) != _ED25519_SIGNATURE_CHARS:
+            return False
+        public = self._keys.response_verify_key(kid)
+        if public is None:
+            return False
+        try:
+            raw = _StrictJWS._decode_base64url_segment(sig.encode("ascii"), "signature")
+            signing_input = _ANSWER_SIGNATURE_PREFIX + canonical_json(
+                {name: value for name, value in data.items() if name != WORKER_SIGNATURE_FIELD}
+            )
+            public.verify(raw, signing_input)
+        except (DecodeError, UnicodeEncodeError, CanonicalizationError, TypeError, ValueError, InvalidSignature):
+            return False
+        return True
 
     # ---------------------------------------------------------------------------------------------- internals
 

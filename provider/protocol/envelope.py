@@ -41,6 +41,7 @@ __all__ = [
     "RequestEnvelope",
     "ResponseEnvelope",
     "SealedBox",
+    "WorkerSignature",
     "check_legacy_fields",
     "format_expires_at",
     "parse_expires_at",
@@ -133,6 +134,15 @@ class SealedBox(BaseModel):
     ciphertext: Base64Text
 
 
+class WorkerSignature(BaseModel):
+    """A worker's Ed25519 signature over a response or error envelope: ``{"kid", "sig"}`` (base64url)."""
+
+    model_config = _STRICT
+
+    kid: Kid
+    sig: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$")]
+
+
 class RequestEnvelope(BaseModel):
     """``llm.fleet.request``: what travels on a lane."""
 
@@ -195,6 +205,7 @@ class ResponseEnvelope(BaseModel):
     result: Any = None
     reasoning: str | None = None
     sealed_body: SealedBox | None = None
+    worker_signature: WorkerSignature | None = None
 
     @model_validator(mode="after")
     def _sealed_or_plain(self) -> ResponseEnvelope:
@@ -228,6 +239,7 @@ class ErrorEnvelope(BaseModel):
     routing_key: LaneName | None = None
     message_context: JsonObject | None = None
     trace_context: JsonObject | None = None
+    worker_signature: WorkerSignature | None = None
 
 
 _CONTAINERS = (dict, list)

@@ -38,6 +38,7 @@ __all__ = [
     "ERROR_CLASSES",
     "POLICY_ERROR",
     "PROVIDER_ERROR",
+    "RESPONSE_FORGED",
     "ClaimMismatchError",
     "DecryptFailedError",
     "EncryptionRequiredError",
@@ -59,7 +60,9 @@ __all__ = [
     "UnsupportedVersionError",
     "WrongAudienceError",
     "WrongIssuerError",
+    "as_fleet_error",
     "error_class_for",
+    "response_forged",
     "umbrella_code",
 ]
 
@@ -252,6 +255,22 @@ class FleetError(EnvelopeError):
             f"FleetError(code={self.code!r}, message={self.message!r}, retryable={self.retryable!r}, "
             f"error_class={self.error_class!r})"
         )
+
+
+RESPONSE_FORGED = "response_forged"
+
+
+def response_forged(message: str = "the answer was not written by a fleet worker for this request") -> FleetError:
+    """The typed error a caller gets instead of anything no fleet worker signed for its request."""
+    return FleetError(message, code=RESPONSE_FORGED, retryable=False)
+
+
+def as_fleet_error(exc: EnvelopeError) -> FleetError:
+    """The same refusal as a ``FleetError`` (what callers catch), its code kept."""
+    if isinstance(exc, FleetError):
+        return exc
+    metadata = {"field": exc.field} if exc.field else None
+    return FleetError(exc.message, code=exc.code, retryable=exc.retryable, metadata=metadata)
 
 
 ERROR_CLASSES: dict[str, type[EnvelopeError]] = {

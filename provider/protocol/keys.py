@@ -6,6 +6,11 @@ producers' signing kid, then remove the old verify kid. Sealing keys (AES-256) h
 
 Files in ``verify_keys_dir``: ``<kid>.pub.pem`` (EdDSA, RS256, ES256) and ``<kid>.secret`` (HS256); other
 files are ignored. A key given both inline and as a file must be the same key.
+
+Responses travel the other way with keys of their own: each worker signs its responses, errors, stream entries
+and registry records with its Ed25519 response key (``response_signing_key``, by ``response_signing_kid``);
+producers hold only the workers' public keys (``response_verify_keys``, ``<kid>.pub.pem`` files in
+``response_verify_keys_dir``). They rotate like the request keys.
 """
 
 from __future__ import annotations
@@ -194,10 +199,45 @@ def _verify_keys_from_dir(directory: Path, algorithm: str) -> dict[str, VerifyKe
     return keys
 
 
-class KeyRing:
-    """Parsed keys by id: one signing key, verify keys, AES-256-GCM sealing keys; repr shows ids only."""
+def _response_keys_from_dir(directory: Path) -> dict[str, ed25519.Ed25519PublicKey]:
+    """``<kid>.pub.pem`` files (workers' Ed25519 response keys) from a directory."""
+    if not directory.is_dir():
+        raise KeyConfigurationError(f"response verify key directory {directory.name!r} does not exist")
+    keys: dict[str, ed25519.Ed25519PublicKey] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name.endswith(PUBLIC_KEY_SUFFIX):
+            kid = _require_kid(path.name[: -len(PUBLIC_KEY_SUFFIX)], "response verify")
+            keys[kid] = _ed25519_public(_read_text(path, "response verify key"), kid)
+    return keys
 
-    __slots__ = ("_aeads", "_algorithm", "_encryption_kid", "_signing_key", "_signing_kid", "_verify_keys")
+
+def _ed25519_public(text: str, kid: str) -> ed25519.Ed25519PublicKey:
+    key = _parse_public(text, "EdDSA", kid)
+    assert isinstance(key, ed25519.Ed25519PublicKey)
+    return key
+
+
+def _ed25519_private(text: str, kid: str) -> ed25519.Ed25519PrivateKey:
+    key = _parse_private(text, "EdDSA", kid)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    return key
+
+
+class KeyRing:
+    """Parsed keys by id: one signing key, verify keys, AES-256-GCM sealing keys, and the Ed25519 response keys
+    (a worker's own signing key, the workers' public keys); repr shows ids only."""
+
+    __slots__ = (
+        "_aeads",
+        "_algorithm",
+        "_encryption_kid",
+        "_response_signing_key",
+        "_response_signing_kid",
+        "_response_verify_keys",
+        "_signing_key",
+        "_signing_kid",
+        "_verify_keys",
+    )
 
     def __init__(
         self,
@@ -208,6 +248,9 @@ class KeyRing:
         verify_keys: Mapping[str, VerifyKey] | None = None,
         encryption_kid: str = "e1",
         encryption_keys: Mapping[str, bytes] | None = None,
+        response_signing_kid: str = "w1",
+        response_signing_key: ed25519.Ed25519PrivateKey | None = None,
+        response_verify_keys: Mapping[str, ed25519.Ed25519PublicKey] | None = None,
     ) -> None:
         self._algorithm: Algorithm = algorithm
         self._signing_kid = _require_kid(signing_kid, "signing")
@@ -251,6 +294,22 @@ class KeyRing:
                 raise KeyConfigurationError(f"encryption key {kid!r} is not {AES_KEY_BYTES} bytes")
             aeads[kid] = AESGCM(raw)
         self._aeads = aeads
+        self._response_signing_kid = _require_kid(response_signing_kid, "response signing")
+        self._response_signing_key = response_signing_key
+        responses: dict[str, ed25519.Ed25519PublicKey] = {}
+        for kid, public in (response_verify_keys or {}).items():
+            responses[_require_kid(kid, "response verify")] = public
+        if response_signing_key is not None:
+            own = response_signing_key.public_key()
+            known_public = responses.get(response_signing_kid)
+            if known_public is None:
+                if not responses:  # a lone worker-and-producer trusts its own key, as for requests
+                    responses[response_signing_kid] = own
+            elif not _same_key(known_public, own):
+                raise KeyConfigurationError(
+                    f"response verify key {response_signing_kid!r} does not match the response signing key"
+                )
+        self._response_verify_keys = responses
 
     @classmethod
     def from_settings(cls, security: SecuritySettings) -> KeyRing:
@@ -282,6 +341,22 @@ class KeyRing:
                 if kid in encryption and encryption[kid] != key:
                     raise KeyConfigurationError(f"encryption key {kid!r} is configured twice with different keys")
                 encryption[kid] = key
+        response_kid = _require_kid(security.response_signing_kid, "response signing")
+        response_text: str | None = None
+        if security.response_signing_key is not None:
+            response_text = security.response_signing_key.get_secret_value()
+        elif security.response_signing_key_file is not None:
+            response_text = _read_text(security.response_signing_key_file, "response signing key")
+        response_key = None if response_text is None else _ed25519_private(response_text, response_kid)
+        responses = {
+            _require_kid(kid, "response verify"): _ed25519_public(secret.get_secret_value(), kid)
+            for kid, secret in security.response_verify_keys.items()
+        }
+        if security.response_verify_keys_dir is not None:
+            for kid, public in _response_keys_from_dir(security.response_verify_keys_dir).items():
+                if kid in responses and not _same_key(responses[kid], public):
+                    raise KeyConfigurationError(f"response verify key {kid!r} is configured twice with different keys")
+                responses[kid] = public
         return cls(
             algorithm=algorithm,
             signing_kid=signing_kid,
@@ -289,6 +364,9 @@ class KeyRing:
             verify_keys=verify,
             encryption_kid=security.encryption_kid,
             encryption_keys=encryption,
+            response_signing_kid=response_kid,
+            response_signing_key=response_key,
+            response_verify_keys=responses,
         )
 
     @property
@@ -348,11 +426,38 @@ class KeyRing:
             raise KeyConfigurationError("encryption is on but the encryption key is not configured")
         return self._encryption_kid, aead
 
+    @property
+    def response_signing_kid(self) -> str:
+        """The kid a worker signs responses with."""
+        return self._response_signing_kid
+
+    @property
+    def can_sign_responses(self) -> bool:
+        """Whether a response signing key is loaded (workers)."""
+        return self._response_signing_key is not None
+
+    @property
+    def response_verify_kids(self) -> tuple[str, ...]:
+        """The worker key ids whose responses verify here."""
+        return tuple(sorted(self._response_verify_keys))
+
+    def response_signing_key(self) -> ed25519.Ed25519PrivateKey:
+        """The worker's response signing key; KeyConfigurationError where there is none."""
+        if self._response_signing_key is None:
+            raise KeyConfigurationError("no response signing key is configured (workers need one)")
+        return self._response_signing_key
+
+    def response_verify_key(self, kid: str) -> ed25519.Ed25519PublicKey | None:
+        """A worker's public response key by kid, or None."""
+        return self._response_verify_keys.get(kid)
+
     def __repr__(self) -> str:
         return (
             f"KeyRing(algorithm={self._algorithm!r}, signing_kid={self._signing_kid!r}, "
             f"can_sign={self.can_sign!r}, verify_kids={list(self.verify_kids)!r}, "
-            f"encryption_kid={self._encryption_kid!r}, encryption_kids={list(self.encryption_kids)!r})"
+            f"encryption_kid={self._encryption_kid!r}, encryption_kids={list(self.encryption_kids)!r}, "
+            f"response_signing_kid={self._response_signing_kid!r}, "
+            f"response_verify_kids={list(self.response_verify_kids)!r})"
         )
 
     __str__ = __repr__
@@ -433,10 +538,12 @@ def generate_encryption_key(kid: str = "e1") -> GeneratedEncryptionKey:
     return GeneratedEncryptionKey(kid=kid, key_b64=base64.b64encode(secrets.token_bytes(AES_KEY_BYTES)).decode())
 
 
-def generated_security(kid: str = "k1", encryption_kid: str = "e1") -> SecuritySettings:
-    """Security settings holding a fresh Ed25519 pair and AES-256 key in memory, for one process that both
-    produces and serves (tests, benchmarks, demos); operators generate key files with ``vllm-fleet keys``."""
+def generated_security(kid: str = "k1", encryption_kid: str = "e1", worker_kid: str = "w1") -> SecuritySettings:
+    """Security settings holding fresh Ed25519 pairs (requests, responses) and an AES-256 key in memory, for one
+    process that both produces and serves (tests, benchmarks, demos); operators generate key files with
+    ``vllm-fleet keys``."""
     pair = generate_keypair("ed25519", kid=kid)
+    worker = generate_keypair("ed25519", kid=worker_kid)
     sealing = generate_encryption_key(kid=encryption_kid)
     return SecuritySettings(
         signing_key=pair.private,
@@ -444,4 +551,7 @@ def generated_security(kid: str = "k1", encryption_kid: str = "e1") -> SecurityS
         verify_keys={pair.kid: pair.public},
         encryption_keys={sealing.kid: sealing.key_b64},
         encryption_kid=sealing.kid,
+        response_signing_key=worker.private,
+        response_signing_kid=worker.kid,
+        response_verify_keys={worker.kid: worker.public},
     )

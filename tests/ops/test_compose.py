@@ -75,7 +75,7 @@ PROJECT_SERVICES = {"keys", "simulator", "worker-chat", "worker-embed", "worker-
 WORKERS = ("worker-chat", "worker-embed", "worker-gpu")
 GPU_ONLY = {"vllm", "worker-gpu"}
 CHAT_MODEL, EMBED_MODEL = "qwen3-6-27b", "minilm"
-KEY_FILES = ("signing/k1.pem", "verify/k1.pub.pem", "sealing/e1.aes")
+KEY_FILES = ("signing/k1.pem", "verify/k1.pub.pem", "sealing/e1.aes", "worker/w1.pem", "response-verify/w1.pub.pem")
 OPS_VHOST = f"vllm-fleet-ops-{os.getpid()}"
 REDIS_DBS = {0: BROKER_DB, 1: BACKEND_DB, 2: STATE_DB}
 CONTAINER_PATHS = ("/keys", "/data")
@@ -442,11 +442,17 @@ def test_keys_live_in_named_volumes_mounted_read_only_by_role() -> None:
     def keys_of(name: str) -> dict[str, str]:
         return {source: mode for source, _, mode in volumes(services[name]) if source.startswith("keys-")}
 
-    assert keys_of("keys") == {"keys-signing": "rw", "keys-verify": "rw", "keys-sealing": "rw"}
+    assert keys_of("keys") == {
+        "keys-signing": "rw",
+        "keys-verify": "rw",
+        "keys-sealing": "rw",
+        "keys-worker": "rw",
+        "keys-response-verify": "rw",
+    }
     for name in WORKERS:
-        assert keys_of(name) == {"keys-verify": "ro", "keys-sealing": "ro"}, name
-        assert "SIGNING" not in " ".join(environment(services[name])), name
-    assert keys_of("beat") == {"keys-signing": "ro", "keys-sealing": "ro"}
+        assert keys_of(name) == {"keys-verify": "ro", "keys-sealing": "ro", "keys-worker": "ro"}, name
+        assert "SECURITY__SIGNING" not in " ".join(environment(services[name])), name
+    assert keys_of("beat") == {"keys-signing": "ro", "keys-sealing": "ro", "keys-response-verify": "ro"}
     for name in ("simulator", "flower", "redis", "rabbitmq", "vllm"):
         assert keys_of(name) == {}, name
     script = command(services["keys"])
@@ -535,7 +541,7 @@ def test_dockerfile_builds_the_project_image_as_a_non_root_user() -> None:
     assert users[-1] not in ("root", "0"), "the image must end as a non-root user"
     assert "useradd" in runs
     assert users[-1] in runs
-    for path in ("/keys/signing", "/keys/verify", "/keys/sealing", "/data"):
+    for path in ("/keys/signing", "/keys/verify", "/keys/sealing", "/keys/worker", "/keys/response-verify", "/data"):
         assert path in runs, f"{path} must exist in the image, owned by the user (named volumes copy it)"
 
     patterns = [

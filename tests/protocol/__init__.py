@@ -79,6 +79,9 @@ def producer_settings(
         "encrypt": encrypt,
         "encryption_keys": {enc_kid: SecretStr(aes_key(enc_kid, enc_variant))},
         "encryption_kid": enc_kid,
+        # the helpers' codecs play both sides: a worker's response key too (tests of the split build their own)
+        "response_signing_key": SecretStr(keypair("EdDSA", "w1").private),
+        "response_verify_keys": {"w1": SecretStr(keypair("EdDSA", "w1").public)},
     }
     values.update(overrides)
     return SecuritySettings(**values)
@@ -101,6 +104,8 @@ def worker_settings(
         "encrypt": encrypt,
         "encryption_keys": {enc_kid: SecretStr(aes_key(enc_kid, enc_variant))},
         "encryption_kid": enc_kid,
+        "response_signing_key": SecretStr(keypair("EdDSA", "w1").private),
+        "response_signing_kid": "w1",
     }
     values.update(overrides)
     return SecuritySettings(**values)

@@ -9,14 +9,12 @@ import pytest
 
 from provider.errors import ServerBusyError
 from provider.protocol import (
-    ClaimMismatchError,
     DecryptFailedError,
     EncryptionRequiredError,
     EnvelopeCodec,
     ErrorEnvelope,
     FleetError,
     InvalidSignatureError,
-    LegacyFieldError,
     MalformedError,
     VerifiedRequest,
 )
@@ -86,26 +84,30 @@ def test_open_response_checks() -> None:
     codec = producer()
     request = verified(codec)
     envelope = codec.response(request, BODY)
-    with pytest.raises(ClaimMismatchError):
-        codec.open_response(envelope, request_id="someone-else")
-    with pytest.raises(ClaimMismatchError):
-        codec.open_response(envelope, request_id=request.request_id, lane="other.lane")
-    moved = {**envelope, "request_id": "r-2"}
-    with pytest.raises(DecryptFailedError):
-        codec.open_response(moved, request_id="r-2")
-    with pytest.raises(MalformedError):
-        codec.open_response({"message_type": "llm.fleet.request"}, request_id=request.request_id)
-    with pytest.raises(MalformedError):
-        codec.open_response("garbage", request_id=request.request_id)
-    with pytest.raises(LegacyFieldError):
-        codec.open_response({**envelope, "schema_version": 1}, request_id=request.request_id)
+    rid = request.request_id
+    refused = [
+        (envelope, "someone-else", None, None),
+        (envelope, rid, "other.lane", None),
+        (envelope, rid, None, "embed"),
+        ({**envelope, "request_id": "r-2"}, "r-2", None, None),
+        ({"message_type": "llm.fleet.request"}, rid, None, None),
+        ("garbage", rid, None, None),
+        ({**envelope, "schema_version": 1}, rid, None, None),
+        ({k: v for k, v in envelope.items() if k != "worker_signature"}, rid, None, None),
+    ]
+    for candidate, request_id, lane, operation in refused:
+        with pytest.raises(FleetError) as caught:
+            codec.open_response(candidate, request_id=request_id, lane=lane, operation=operation)
+        assert caught.value.code == "response_forged"
+    assert codec.open_response(envelope, request_id=rid, lane=LANE, operation="chat")["content"] == BODY["content"]
 
 
 def test_plain_response_refused_when_encryption_on() -> None:
     plain_codec, sealed_codec = producer(encrypt=False), producer(encrypt=True)
     request = verified(plain_codec)
-    with pytest.raises(EncryptionRequiredError):
+    with pytest.raises(FleetError) as caught:
         sealed_codec.open_response(plain_codec.response(request, BODY), request_id=request.request_id)
+    assert caught.value.code == EncryptionRequiredError.code
 
 
 def test_sealed_result_cannot_pass_as_sealed_params() -> None:
@@ -180,10 +182,10 @@ def test_error_envelope_without_or_with_unverified_source() -> None:
     assert "correlation_id" not in from_raw
     assert "operation" not in from_raw
     assert SECRET_PROMPT not in str(from_raw)
-    with pytest.raises(ClaimMismatchError):
-        codec.open_response(from_raw, request_id="r-2")
-    with pytest.raises(FleetError):
-        codec.open_response(bare, request_id="r-2")
+    for answer in (from_raw, bare):
+        with pytest.raises(FleetError) as caught:
+            codec.open_response(answer, request_id="r-2")
+        assert caught.value.code == "response_forged"
 
 
 def test_error_message_is_capped() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from provider.protocol import KeyRing
+from provider.settings import SecuritySettings
 from tests.tasks.conftest import CHAT_MODEL, EMBED_MODEL, Fleet
 
 CLI = [sys.executable, "-m", "tasks.cli"]
@@ -64,7 +66,24 @@ def test_everyday_commands(fleet: Fleet, capsys: pytest.CaptureFixture[str], tmp
     assert (tmp_path / "keys" / "signing" / "k1.pem").exists()
     assert (tmp_path / "keys" / "verify" / "k1.pub.pem").exists()
     assert (tmp_path / "keys" / "sealing" / "e1.aes").exists()
+    assert (tmp_path / "keys" / "worker" / "w1.pem").exists()
+    assert (tmp_path / "keys" / "response-verify" / "w1.pub.pem").exists()
     assert "PRIVATE KEY" not in out
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("VLLM_FLEET_"))
+    worker_ring = KeyRing.from_settings(
+        SecuritySettings(
+            response_signing_key_file=env["VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE"],
+            response_signing_kid=env["VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID"],
+        )
+    )
+    producer_ring = KeyRing.from_settings(
+        SecuritySettings(response_verify_keys_dir=env["VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR"])
+    )
+    assert worker_ring.can_sign_responses
+    assert not producer_ring.can_sign_responses
+    public = producer_ring.response_verify_key("w1")
+    assert public is not None
+    public.verify(worker_ring.response_signing_key().sign(b"answer"), b"answer")
 
 
 def test_dead_letters_are_listed_requeued_and_dropped(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provider.models import StreamChunk
 from provider.protocol import FleetError, KeyRing, generated_security
@@ -35,9 +38,8 @@ def key(client: redis.Redis) -> Iterator[str]:
 
 @pytest.fixture(params=["sealed", "plain"])
 def sealer(request: pytest.FixtureRequest) -> EntrySealer:
-    if request.param == "plain":
-        return EntrySealer(None, "req-1")
-    return EntrySealer(KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1")), "req-1")
+    ring = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
+    return EntrySealer(ring, "req-1", encrypt=request.param == "sealed")
 
 
 def chunk_json(text: str) -> bytes:
@@ -45,7 +47,8 @@ def chunk_json(text: str) -> bytes:
 
 
 def add(client: redis.Redis, key: str, sealer: EntrySealer, kind: bytes, plain: bytes) -> str:
-    entry_id: Any = client.xadd(key, {"k": kind, "d": sealer.seal(plain)})
+    fields: Any = sealer.fields(kind, plain)
+    entry_id: Any = client.xadd(key, fields)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
@@ -92,3 +95,27 @@ def test_a_fast_writer_loses_nothing_and_needs_fewer_entries_than_chunks(
     writer.done({"finish_reason": "stop"})
     assert read(client, key, sealer)[0] == words
     assert client.xlen(key) < len(words) + 1  # the relay grouped the chunks queued behind a round trip
+
+
+@functools.cache
+def signed_entry(encrypt: bool) -> tuple[EntrySealer, dict[bytes, bytes]]:
+    """One stored chunk entry (and the sealer that reads it), made once."""
+    ring = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
+    sealer = EntrySealer(ring, "req-1", encrypt=encrypt)
+    fields = sealer.fields(KIND_CHUNK, chunk_json("genuine"))
+    return sealer, {name.encode(): value for name, value in fields.items()}
+
+
+@pytest.mark.parametrize("encrypt", [True, False], ids=["sealed", "plain"])
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_single_byte_change_to_a_stored_entry_is_refused(encrypt: bool, data: st.DataObject) -> None:
+    """Kind, data, sequence number, key id or signature: one byte changed and no reader takes the entry."""
+    sealer, stored = signed_entry(encrypt)
+    assert sealer.authentic(stored) is not None
+    name = data.draw(st.sampled_from(sorted(stored)))
+    value = stored[name]
+    position = data.draw(st.integers(min_value=0, max_value=len(value) - 1))
+    byte = data.draw(st.integers(min_value=0, max_value=255).filter(lambda b: b != value[position]))
+    changed = {**stored, name: value[:position] + bytes([byte]) + value[position + 1 :]}
+    assert sealer.authentic(changed) is None

@@ -1,0 +1,337 @@
+"""End-to-end integrity against a live worker, on both brokers: a caller only ever reads what a fleet worker
+wrote for its request, and a worker runs nothing but fleet tasks (issue 10's attacks, one test each)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from provider.protocol import FleetError
+from tests.tasks.conftest import CHAT_MODEL, Fleet
+from tests.tasks.test_bad_input import (  # noqa: F401 (dead_letters is a fixture)
+    RESULT_TIMEOUT_S,
+    TIMEOUT_S,
+    assert_dead_lettered,
+    dead_letters,
+    lane_of,
+    stored_meta,
+)
+
+CELERY_BUILT_INS = (
+    "celery.accumulate",
+    "celery.chord_unlock",
+    "celery.backend_cleanup",
+    "celery.group",
+    "celery.chain",
+    "celery.chord",
+    "celery.map",
+    "celery.starmap",
+    "celery.chunks",
+)
+
+
+def forged_response(request_id: str, content: str) -> dict[str, Any]:
+    """A response envelope no worker wrote: the ids right, the content the forger's."""
+    return {
+        "message_type": "llm.fleet.response",
+        "protocol_version": 2,
+        "request_id": request_id,
+        "correlation_id": request_id,
+        "reply_to": f"celery:{request_id}",
+        "content": content,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "finish_reason": "stop",
+    }
+
+
+def management_queue() -> str:
+    """The in-process worker's management queue."""
+    from tasks.routing import pick_management_queue
+
+    return pick_management_queue("sim-a")
+
+
+# ------------------------------------------------------------------------------------ fleet tasks only
+
+
+@pytest.mark.parametrize("name", CELERY_BUILT_INS)
+@pytest.mark.parametrize("where", ["lane", "management"])
+def test_celery_built_in_tasks_are_refused_on_fleet_queues(
+    fleet: Fleet,
+    dead_letters: Any,  # noqa: F811 (the fixture imported above)
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    where: str,
+) -> None:
+    """``send_task("celery.accumulate", args=[<forged response>], task_id=<request id>)`` never runs: it is
+    dead-lettered and counted, and the caller reading that id gets a typed error, never the forged SUCCESS."""
+    from tasks import app, chat
+    from tasks.routing import queue_for
+
+    request_id = uuid.uuid4().hex
+    queue = queue_for(lane_of(CHAT_MODEL)) if where == "lane" else queue_for(management_queue())
+
+    def send(marker: bytes) -> None:
+        app.send_task(
+            name,
+            args=[forged_response(request_id, marker.decode())],
+            task_id=request_id,
+            queue=queue,
+            expires=TIMEOUT_S,
+        )
+
+    dead = assert_dead_lettered(
+        fleet, dead_letters, caplog, "unknown_task", send, source=None if where == "lane" else management_queue()
+    )
+    assert dead.headers["task"] == name
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(request_id).get(timeout=RESULT_TIMEOUT_S)
+    assert info.value.code == "operation_not_allowed"
+    stored = stored_meta(request_id)
+    assert stored is not None
+    assert b'"SUCCESS"' not in stored
+
+
+# ------------------------------------------------------------------------------ authenticated responses
+
+
+def store_forged(request_id: str, status: str, result: Any) -> None:
+    """Write a result record straight into the result backend, as anyone with Redis access can."""
+    from tasks import app
+
+    meta = {"status": status, "result": result, "traceback": None, "children": [], "task_id": request_id}
+    app.backend.client.set(app.backend.get_key_for_task(request_id), json.dumps(meta))
+
+
+def forged_failure(request_id: str) -> dict[str, Any]:
+    """A FAILURE record as Celery stores a FleetTaskError, carrying the forger's error envelope."""
+    envelope = {
+        "message_type": "llm.fleet.error",
+        "protocol_version": 2,
+        "code": "forger_code",
+        "category": "provider_error",
+        "message": "the forger speaks",
+        "error_class": "X",
+        "retryable": False,
+        "request_id": request_id,
+    }
+    return {"exc_type": "FleetTaskError", "exc_message": [envelope], "exc_module": "tasks.errors"}
+
+
+@pytest.mark.parametrize("status", ["SUCCESS", "FAILURE"])
+def test_a_result_no_worker_wrote_is_refused(fleet: Fleet, status: str) -> None:
+    """A SUCCESS with only usage/finish_reason, or a FAILURE with the forger's code: ``response_forged``."""
+    from tasks import chat
+
+    request_id = uuid.uuid4().hex
+    forged = forged_response(request_id, "forged") if status == "SUCCESS" else forged_failure(request_id)
+    if status == "SUCCESS":
+        forged.pop("content")  # usage and finish_reason only: what passed as an answer with encryption on
+    store_forged(request_id, status, forged)
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(request_id).get(timeout=1.0)
+    assert info.value.code == "response_forged"
+    assert "forger" not in info.value.message
+
+
+def test_a_forged_result_stored_before_the_worker_answers_does_not_hide_its_answer(fleet: Fleet) -> None:
+    from tests.tasks.test_bad_input import build, publish
+
+    envelope = build(fleet)
+    store_forged(envelope["request_id"], "SUCCESS", forged_response(envelope["request_id"], "forged early"))
+    reply = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
+    assert reply["content"] == "hello bad input"
+    stored = stored_meta(envelope["request_id"])
+    assert stored is not None
+    assert b"forged early" not in stored, "the worker's signed answer must replace the forgery"
+
+
+def test_a_forged_result_stored_after_the_worker_answered_does_not_hide_its_answer(fleet: Fleet) -> None:
+    from tasks import chat
+    from tests.tasks.test_bad_input import build, publish
+
+    envelope = build(fleet)
+    answer = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
+    store_forged(envelope["request_id"], "SUCCESS", forged_response(envelope["request_id"], "forged late"))
+    assert chat.AsyncResult(envelope["request_id"]).get(timeout=RESULT_TIMEOUT_S) == answer  # from the ledger
+
+
+def test_a_real_answer_moved_to_another_request_is_refused(fleet: Fleet) -> None:
+    """The worker's genuine answer copied under another request id (a replay across requests)."""
+    from tasks import chat
+    from tests.tasks.test_bad_input import build, publish
+
+    donor = build(fleet)
+    publish(donor).get(timeout=RESULT_TIMEOUT_S)
+    record = json.loads(stored_meta(donor["request_id"]) or b"{}")
+    victim = uuid.uuid4().hex
+    store_forged(victim, "SUCCESS", record["result"])
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(victim).get(timeout=1.0)
+    assert info.value.code == "response_forged"
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+def streamed(fleet: Fleet) -> Any:
+    """A finished stream_chat request whose stream holds several entries."""
+    from tasks import stream_chat
+
+    result = stream_chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": STREAM_TEXT}], max_tokens=64)
+    result.get(timeout=RESULT_TIMEOUT_S)
+    return result
+
+
+STREAM_TEXT = "one two three four five six"
+
+
+def stream_entries(fleet: Fleet, request_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    from tasks.runtime import runtime
+
+    entries: Any = fleet.state.xrange(runtime().keys.stream(request_id))
+    return list(entries)
+
+
+def rewrite_stream(fleet: Fleet, request_id: str, entries: list[dict[bytes, bytes]]) -> None:
+    """Replace a stream's entries with ``entries`` (as someone with Redis access can)."""
+    from tasks.runtime import runtime
+
+    key = runtime().keys.stream(request_id)
+    fleet.state.delete(key)
+    for fields in entries:
+        fleet.state.xadd(key, fields)  # type: ignore[arg-type]
+
+
+def read_text(request_id: str) -> str:
+    from tasks import open_stream
+
+    return open_stream(request_id, timeout_s=2.0).text()
+
+
+@pytest.mark.parametrize("attack", ["replayed", "done-copy", "re-kinded", "plaintext", "other-request"])
+def test_stream_readers_skip_entries_no_worker_wrote_there_and_read_the_genuine_ones(fleet: Fleet, attack: str) -> None:
+    """A re-XADDed entry is not read twice, a chunk copied as ``d`` or re-kinded ``r`` does not end or reset the
+    stream, a plaintext entry or one from another request is not read: the genuine text comes through whole."""
+    result = streamed(fleet)
+    other = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    first_chunk = genuine[0]
+    assert first_chunk[b"k"] in (b"c", b"b")
+    injected = {
+        "replayed": first_chunk,
+        "done-copy": {**first_chunk, b"k": b"d"},
+        "re-kinded": {**first_chunk, b"k": b"r"},
+        "plaintext": {b"k": b"c", b"d": b'{"content":"forged"}'},
+        "other-request": stream_entries(fleet, other.id)[0][1],
+    }[attack]
+    rewrite_stream(fleet, result.id, [genuine[0], injected, *genuine[1:]])
+    assert read_text(result.id) == STREAM_TEXT
+
+
+def test_a_truncated_stream_is_refused(fleet: Fleet) -> None:
+    fleet.simulator.configure(itl_s=0.02)  # one entry per chunk
+    result = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    assert len(genuine) >= 3
+    rewrite_stream(fleet, result.id, [genuine[0], *genuine[2:]])
+    with pytest.raises(FleetError) as info:
+        read_text(result.id)
+    assert info.value.code == "stream_gap"
+
+
+def test_a_stream_of_forged_entries_only_never_ends_as_genuine(fleet: Fleet) -> None:
+    """Everything forged: nothing is read, and the reader ends at its deadline with a typed error."""
+    result = streamed(fleet)
+    rewrite_stream(fleet, result.id, [{b"k": b"c", b"d": b'{"content":"forged"}'}, {b"k": b"d", b"d": b"{}"}])
+    with pytest.raises(FleetError) as info:
+        read_text(result.id)
+    assert info.value.code == "fleet_timeout"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def registry_count(reason: str) -> float:
+    from tests.tasks.test_bad_input import sample
+
+    return sample("vllm_fleet_refused_registry_records_total", reason=reason)
+
+
+def plant_offering(offering_id: str, value: str | bytes) -> None:
+    """Put a record into the registry directly, as anyone with Redis access can."""
+    import time
+
+    from tasks.runtime import runtime
+
+    rt = runtime()
+    rt.redis.set(rt.keys.offering(offering_id), value, px=30_000)
+    rt.redis.zadd(rt.keys.offerings, {offering_id: time.time() + 30})
+
+
+def real_offering() -> Any:
+    from tasks.runtime import runtime
+
+    return next(o for o in runtime().registry.all() if o.model == CHAT_MODEL)
+
+
+def assert_routes_to_the_real_lane() -> None:
+    from tasks import chat
+    from tasks.routing import invalidate_route_cache
+
+    invalidate_route_cache()
+    assert lane_of(CHAT_MODEL) == real_offering().shared_lane
+    reply = chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": "routed"}], max_tokens=8)
+    assert reply.get(timeout=RESULT_TIMEOUT_S)["content"] == "routed"
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "worker-signed"])
+def test_a_record_whose_alias_is_not_its_models_own_never_redirects_it(fleet: Fleet, signed: bool) -> None:
+    """``model="qwen3-6-27b", canonical_alias="attacker-lane"``, planted with Redis access (no signature) or even
+    signed with a worker key: the model's requests still go to its own lane."""
+    from tasks.runtime import runtime
+
+    poisoned = real_offering().model_copy(
+        update={"offering_id": f"vllm:evil:inference:{uuid.uuid4().hex[:6]}", "canonical_alias": "attacker-lane"}
+    )
+    before = registry_count("offering_unauthenticated" if not signed else "offering_alias_mismatch")
+    if signed:
+        runtime().registry.register([poisoned], ttl_s=30)
+    else:
+        plant_offering(poisoned.offering_id, json.dumps({"record": poisoned.model_dump(mode="json")}))
+    try:
+        assert_routes_to_the_real_lane()
+        reason = "offering_unauthenticated" if not signed else "offering_alias_mismatch"
+        assert registry_count(reason) > before
+    finally:
+        runtime().registry.unregister([poisoned.offering_id])
+
+
+@pytest.mark.parametrize("value", [b"not json {", b'{"record": {"model": 1}}', b"[]"], ids=["text", "bad", "list"])
+def test_a_malformed_registry_record_is_skipped_and_counted(fleet: Fleet, value: bytes) -> None:
+    from tasks.runtime import runtime
+
+    offering_id = f"vllm:junk:inference:{uuid.uuid4().hex[:6]}"
+    before = registry_count("offering_unauthenticated")
+    plant_offering(offering_id, value)
+    try:
+        assert_routes_to_the_real_lane()
+        assert registry_count("offering_unauthenticated") > before
+    finally:
+        runtime().registry.unregister([offering_id])
+
+
+# ------------------------------------------------------------------------------------------- model names
+
+
+@pytest.mark.parametrize("name", ["QWEN3-6-27B", "qwen3-6-27b\u200b", "qwen3.6.27b"], ids=["case", "zwsp", "dots"])
+def test_a_model_name_that_only_matches_once_slugged_is_refused_at_submit(fleet: Fleet, name: str) -> None:
+    from tasks import chat
+
+    with pytest.raises(FleetError) as info:
+        chat.delay(model=name, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "no_fleet_queue"
+    assert info.value.message == f"unknown model {name!r}; did you mean {CHAT_MODEL!r}?"
