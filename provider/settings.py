@@ -132,7 +132,8 @@ class InstanceSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _normalize(cls, value: str) -> str:
-        if value and urlsplit(value.strip()).scheme not in ("http", "https"):
+        scheme, separator, _ = value.strip().partition("://")
+        if value and (not separator or scheme.lower() not in ("http", "https")):
             raise ValueError(
                 f"base_url {value.strip()!r} has no http:// or https:// scheme: write it as "
                 f"'http://{value.strip().split('://')[-1]}'"

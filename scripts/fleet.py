@@ -297,7 +297,7 @@ def _reuse() -> bool:
         before = {}
     expected = {"worker", "beat", "flower", *(["simulator"] if before.get("simulator") else [])}
     requested = os.environ.get("VLLM_URL", "").rstrip("/")
-    same = before.get("settings") == _settings_of_run(requested)
+    same = before.get("settings") == _settings_of_run(requested) and (RUN / "env").exists()
     if same and set(running) == expected:
         shown = ", ".join(f"{name} pid {pid}" for name, pid in sorted(running.items()))
         _log(f"the fleet is already up ({shown}): reusing it")
