@@ -72,7 +72,7 @@ def write_key_files(layout: dict[Path, str]) -> None:
     if present:
         raise KeyFileExistsError(
             f"refusing to overwrite {', '.join(present)}: key files are never overwritten; to rotate, give new ids "
-            "(--kid k2 --encryption-kid e2), or write to another --dir"
+            "(--kid k2 --encryption-kid e2 --worker-kid w2), or write to another --dir"
         )
     for path, text in layout.items():
         path.parent.mkdir(parents=True, exist_ok=True)

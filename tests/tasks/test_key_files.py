@@ -17,13 +17,13 @@ import pytest
 
 from provider.settings import SecuritySettings, Settings
 from simulator.testing import SimulatorServer
-from tests.tasks.conftest import Fleet
-from tests.tasks.test_replay import forget_instance, lane_when_served, settings_for, simulator_for, start_worker
+from tests.tasks.conftest import Fleet, wait_for
+from tests.tasks.test_replay import forget_instance, settings_for, simulator_for, start_worker
 
 CLI = [sys.executable, "-m", "tasks.cli"]
 ROTATE_MODEL = "rotate-files-chat"
 INSTANCE = "sim-rotate-files"
-REFUSAL = "key files are never overwritten; to rotate, give new ids (--kid k2 --encryption-kid e2)"
+REFUSAL = "key files are never overwritten; to rotate, give new ids (--kid k2 --encryption-kid e2 --worker-kid w2)"
 
 
 def keys_generate(directory: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +42,13 @@ def test_generate_twice_into_one_directory_is_refused_and_changes_nothing(tmp_pa
     first = keys_generate(keys)
     assert first.returncode == 0, first.stderr
     before = contents(keys)
-    assert set(before) == {"signing/k1.pem", "verify/k1.pub.pem", "sealing/e1.aes"}
+    assert set(before) == {
+        "signing/k1.pem",
+        "verify/k1.pub.pem",
+        "sealing/e1.aes",
+        "worker/w1.pem",
+        "response-verify/w1.pub.pem",
+    }
 
     again = keys_generate(keys)
     assert again.returncode == 1
@@ -52,7 +58,7 @@ def test_generate_twice_into_one_directory_is_refused_and_changes_nothing(tmp_pa
     assert contents(keys) == before
 
     # The README's old rotation step: a new signing kid only would have replaced the live sealing key e1.
-    signing_only = keys_generate(keys, "--kid", "k2")
+    signing_only = keys_generate(keys, "--kid", "k2", "--worker-kid", "w2")
     assert signing_only.returncode == 1
     message = " ".join(signing_only.stderr.split())
     assert f"refusing to overwrite {keys / 'sealing' / 'e1.aes'}:" in message
@@ -66,14 +72,17 @@ def rotation_simulator() -> Iterator[SimulatorServer]:
         yield server
 
 
-def file_security(keys: Path, kid: str, encryption_kid: str, *, signing: bool) -> SecuritySettings:
-    """Security settings read from the generated files: a producer's (signing) or a worker's."""
+def file_security(keys: Path, kid: str, encryption_kid: str, worker_kid: str, *, signing: bool) -> SecuritySettings:
+    """Security settings read from the generated files: a producer's (signing) or a worker's (answers)."""
     return SecuritySettings(
         signing_kid=kid,
         signing_key_file=keys / "signing" / f"{kid}.pem" if signing else None,
         verify_keys_dir=keys / "verify",
         encryption_kid=encryption_kid,
         encryption_keys_dir=keys / "sealing",
+        response_signing_kid=worker_kid,
+        response_signing_key_file=None if signing else keys / "worker" / f"{worker_kid}.pem",
+        response_verify_keys_dir=keys / "response-verify",
     )
 
 
@@ -91,19 +100,28 @@ def test_rotating_signing_and_sealing_keys_serves_old_and_new_side_by_side(
     keys = tmp_path / "keys"
     assert keys_generate(keys).returncode == 0
     live = contents(keys)
-    rotated = keys_generate(keys, "--kid", "k2", "--encryption-kid", "e2")  # the README's rotation step
+    rotated = keys_generate(keys, "--kid", "k2", "--encryption-kid", "e2", "--worker-kid", "w2")  # README's step
     assert rotated.returncode == 0, rotated.stderr
     after = contents(keys)
     assert {name: after[name] for name in live} == live  # the live keys are untouched
-    assert set(after) - set(live) == {"signing/k2.pem", "verify/k2.pub.pem", "sealing/e2.aes"}
+    assert set(after) - set(live) == {
+        "signing/k2.pem",
+        "verify/k2.pub.pem",
+        "sealing/e2.aes",
+        "worker/w2.pem",
+        "response-verify/w2.pub.pem",
+    }
 
     worker_settings = settings_for(fleet, rotation_simulator, INSTANCE)
-    worker_settings = worker_settings.model_copy(update={"security": file_security(keys, "k1", "e1", signing=False)})
-    old_producer = worker_settings.model_copy(update={"security": file_security(keys, "k1", "e1", signing=True)})
-    new_producer = worker_settings.model_copy(update={"security": file_security(keys, "k2", "e2", signing=True)})
+    # Producers trust w1 and w2 (both in response-verify/); the restarted worker answers with the new w2.
+    worker_security = file_security(keys, "k1", "e1", "w2", signing=False)
+    worker_settings = worker_settings.model_copy(update={"security": worker_security})
+    old_producer = worker_settings.model_copy(update={"security": file_security(keys, "k1", "e1", "w1", signing=True)})
+    new_producer = worker_settings.model_copy(update={"security": file_security(keys, "k2", "e2", "w2", signing=True)})
     worker = start_worker(worker_settings, "rotate-files")  # restarted with both kids in verify/ and sealing/
     try:
-        lane_when_served(ROTATE_MODEL)
+        # The worker's registry record is signed with w2: producers that trust response-verify/ see it.
+        wait_for(lambda: chat_as(old_producer, "warm up").returncode == 0, what="the producers seeing the worker")
         for producer, text in ((old_producer, "signed k1 sealed e1"), (new_producer, "signed k2 sealed e2")):
             done = chat_as(producer, text)
             assert done.returncode == 0, done.stderr + worker.process.logs()

@@ -125,8 +125,15 @@ def test_a_worker_without_processes_sizes_its_group_from_the_cores_and_the_slots
             assert {node.partition("@")[0] for node in answering_nodes("auto")} == {"auto"}
         else:
             names = {f"auto-{i}" for i in range(1, expected + 1)}
-            wait_for(lambda: len(answering_nodes("auto-")) == expected, timeout_s=60, what="every process answering")
-            assert {node.partition("@")[0] for node in answering_nodes("auto-")} == names
+            seen: set[str] = set()
+
+            def every_process_answers() -> bool:  # one ping's answer, so a slow reply later cannot drop a node
+                seen.clear()
+                seen.update(answering_nodes("auto-"))
+                return len(seen) == expected
+
+            wait_for(every_process_answers, timeout_s=60, what="every process answering")
+            assert {node.partition("@")[0] for node in seen} == names
     finally:
         code = stop(group)
     assert code == 0
