@@ -243,11 +243,22 @@ def _keys_env() -> dict[str, str]:
         "VLLM_FLEET_SECURITY__VERIFY_KEYS_DIR": str(keys / "verify"),
         "VLLM_FLEET_SECURITY__ENCRYPTION_KID": "e1",
         "VLLM_FLEET_SECURITY__ENCRYPTION_KEYS_DIR": str(keys / "sealing"),
-        # one env for the workers and the sample producer: the workers' answer key, and what verifies it
-        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID": "w1",
-        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE": str(keys / "worker" / "w1.pem"),
         "VLLM_FLEET_SECURITY__RESPONSE_VERIFY_KEYS_DIR": str(keys / "response-verify"),
     }
+
+
+def _worker_only_env() -> dict[str, str]:
+    """What only workers hold: the key that signs their answers (producers, Beat and .run/env never get it)."""
+    return {
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KID": "w1",
+        "VLLM_FLEET_SECURITY__RESPONSE_SIGNING_KEY_FILE": str(RUN / "keys" / "worker" / "w1.pem"),
+    }
+
+
+def _worker_env(env: dict[str, str]) -> dict[str, str]:
+    """A worker's environment: the producers' less the request signing key, plus the answer signing key."""
+    worker = {name: value for name, value in env.items() if name != "VLLM_FLEET_SECURITY__SIGNING_KEY_FILE"}
+    return {**worker, **_worker_only_env()}
 
 
 def _write_env(fleet_env: dict[str, str]) -> None:
@@ -352,7 +363,7 @@ def _start() -> None:
     _write_env(fleet_env)
     env = {**os.environ, **fleet_env}
     # Task events on from the start, so Flower (up before the sample runs) shows the sample's tasks.
-    worker_env = {**env, "VLLM_FLEET_SEND_TASK_EVENTS": "true"}
+    worker_env = {**_worker_env(env), "VLLM_FLEET_SEND_TASK_EVENTS": "true"}
     worker_argv = [str(BIN / "vllm-fleet"), "worker", "--hostname", "local@%h", "--loglevel", "INFO"]
     started["worker"] = _spawn("worker", worker_argv, worker_env)
     started["beat"] = _spawn("beat", [str(BIN / "vllm-fleet"), "beat", "--schedule", str(RUN / "beat-schedule")], env)

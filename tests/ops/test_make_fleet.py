@@ -142,6 +142,8 @@ def test_make_fleet_twice_reuses_the_fleet_and_make_stop_leaves_no_process(fleet
     # Flower was up, and the worker sent task events, before the sample ran: it lists the sample's tasks.
     poll(lambda: flower_task_names(fleet_env) >= SAMPLE_TASKS, "Flower listing the sample tasks")
 
+    # What a user sources is a producer's: it never holds the key that signs the workers' answers.
+    assert "RESPONSE_SIGNING_KEY" not in (run_dir / "env").read_text()
     # `source .run/env` puts the venv's vllm-fleet on PATH (a shell without the venv, as a new user has).
     shell = subprocess.run(
         ["bash", "-c", f"source {run_dir / 'env'} && command -v vllm-fleet && vllm-fleet offerings"],
