@@ -185,6 +185,7 @@ def test_an_error_quoting_the_callers_content_is_still_withheld(fleet: Fleet) ->
     assert "withheld" in error.message
 
 
+ABORT_ITL_S = 0.03  # 60 tokens take 1.8 s: time to put the server to sleep in the middle, even on a busy host
 LONG_ANSWER = [{"role": "user", "content": " ".join(f"w{i}" for i in range(60))}]
 
 
@@ -204,8 +205,8 @@ def test_a_stream_aborted_by_sleep_restarts_with_a_reset(fleet: Fleet) -> None:
     answer; the result is not a success with ``finish_reason="abort"``."""
     from tasks import StreamReset, open_stream, stream_chat
 
-    fleet.simulator.configure(itl_s=0.02)
-    result = stream_chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
+    result = stream_chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=30)
     stream = open_stream(result)
     items: list[Any] = []
     reader = threading.Thread(target=lambda: items.extend(stream))
@@ -224,8 +225,8 @@ def test_a_chat_aborted_by_sleep_is_retried(fleet: Fleet) -> None:
     """Defect 3, not streamed: the aborted generation is retried after wake-up and the answer is whole."""
     from tasks import chat
 
-    fleet.simulator.configure(itl_s=0.02)
-    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
+    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=30)
     _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=0.3)
     final = result.get()
     assert (final["finish_reason"], final["content"]) == ("stop", LONG_ANSWER[0]["content"])
@@ -235,7 +236,7 @@ def test_an_abort_that_outlasts_the_deadline_is_a_typed_error(fleet: Fleet) -> N
     """Defect 3: when the server stays asleep, the caller gets a typed error by its deadline, not a success."""
     from tasks import chat
 
-    fleet.simulator.configure(itl_s=0.02)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
     result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=4)
     try:
         _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=None)
