@@ -388,3 +388,17 @@ def test_logprobs_asked_through_extra_body_come_back(fleet: Fleet, streamed: boo
     assert "".join(entry["token"] for entry in entries) == reply["content"] == WEATHER[0]["content"]
     assert all(len(entry["top_logprobs"]) == 3 for entry in entries)
     assert fleet.simulator.stats()["last_chat_body"]["top_logprobs"] == 3
+
+
+def test_wake_up_says_whether_the_server_still_sleeps(fleet: Fleet) -> None:
+    """vLLM answers ``{"status": "awake"}`` to ``wake_up?tags=weights`` yet still sleeps (its KV cache is not
+    back): the fleet's answer says so (``is_sleeping``), and says awake once every part woke."""
+    from tasks import sleep, wake_up
+
+    sleep.delay(instance="sim-a", level=1).get()
+    try:
+        partial = wake_up.delay(instance="sim-a", tags=["weights"]).get()["result"]
+        assert (partial["status"], partial["is_sleeping"]) == ("awake", True)
+    finally:
+        whole = wake_up.delay(instance="sim-a").get()["result"]
+    assert whole["is_sleeping"] is False
