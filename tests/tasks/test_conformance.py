@@ -337,13 +337,19 @@ CANCEL_ROUNDS = 10
 CANCEL_ITL_S = 0.01  # 100 tokens a second, a fast GPU's pace
 
 
-def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet) -> None:
+@pytest.mark.parametrize("busy_streams", [0, 6], ids=["alone", "beside-6-streams"])
+def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet, busy_streams: int) -> None:
     """Defect 9: measure how long ``cancel()`` takes to stop vLLM's generation (until the simulator counts the
-    abort) and how many chunks still reach the reader, at 100 tokens/s. Prints the figures (run with ``-s``);
-    asserts only that every stream ended ``cancelled`` and vLLM aborted every generation."""
+    abort) and how many chunks still reach the reader, at 100 tokens/s, alone or beside other streams on the
+    same worker. Prints the figures (run with ``-s``); asserts only that every stream ended ``cancelled`` and
+    vLLM aborted every generation."""
     from tasks import cancel, open_stream, stream_chat
 
     fleet.simulator.configure(itl_s=CANCEL_ITL_S, text_mode="lorem", output_tokens=2000)
+    busy = [
+        stream_chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=3000, ignore_eos=True, timeout_s=60)
+        for _ in range(busy_streams)
+    ]
     latencies_s: list[float] = []
     late_chunks: list[int] = []
     for round_number in range(CANCEL_ROUNDS):
@@ -363,9 +369,12 @@ def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet)
         wait_for(lambda: fleet.simulator.stats()["aborted"] > aborted_before, timeout_s=10, what="vLLM's abort")  # noqa: B023
         latencies_s.append(time.monotonic() - cancelled_at)
         late_chunks.append(late)
+    for result in busy:
+        cancel(result)
     latencies_s.sort()
     print(
-        f"\ncancel -> vLLM abort over {CANCEL_ROUNDS} streams at {1 / CANCEL_ITL_S:.0f} tokens/s: "
+        f"\ncancel -> vLLM abort over {CANCEL_ROUNDS} streams at {1 / CANCEL_ITL_S:.0f} tokens/s beside "
+        f"{busy_streams} others: "
         f"median {latencies_s[len(latencies_s) // 2] * 1000:.0f} ms, max {latencies_s[-1] * 1000:.0f} ms; "
         f"chunks read after cancel: median {sorted(late_chunks)[len(late_chunks) // 2]}, max {max(late_chunks)}"
     )
