@@ -61,20 +61,24 @@ def _offered(model: str, instances: set[str]) -> bool:
     return instances <= {o.instance_id for o in runtime().registry.all() if o.model == model}
 
 
+@pytest.mark.parametrize("plain_claims_tools", [False, True], ids=["configured", "misconfigured"])
 def test_tool_requests_reach_only_instances_with_a_tool_parser(
-    fleet: Fleet, tool_simulators: tuple[SimulatorServer, SimulatorServer]
+    fleet: Fleet, tool_simulators: tuple[SimulatorServer, SimulatorServer], plain_claims_tools: bool
 ) -> None:
     """Defect 1: two instances of one model on one shared lane, only one able to serve tools: 50 tool requests,
-    none reaches the instance without a tool parser; plain requests still go to both lanes' consumers."""
+    none reaches the instance without a tool parser, whether its settings say it has no tools or (wrongly) that
+    it has them (discovery checks the claim)."""
     from tasks import chat
 
     with_parser, without = tool_simulators
     with_parser.reset()
     without.reset()
-    tools_settings = _one_instance(fleet, "sim-tools", with_parser.url, model_capabilities={TOOL_MODEL: ["tools"]})
+    claim = {"model_capabilities": {TOOL_MODEL: ["tools"]}}
     workers = [
-        WorkerProcess(tools_settings, "sim-tools"),
-        WorkerProcess(_one_instance(fleet, "sim-plain", without.url), "sim-plain"),
+        WorkerProcess(_one_instance(fleet, "sim-tools", with_parser.url, **claim), "sim-tools"),
+        WorkerProcess(
+            _one_instance(fleet, "sim-plain", without.url, **(claim if plain_claims_tools else {})), "sim-plain"
+        ),
     ]
     try:
         wait_for(lambda: _offered(TOOL_MODEL, {"sim-tools", "sim-plain"}), timeout_s=30, what="both offerings")
@@ -88,8 +92,9 @@ def test_tool_requests_reach_only_instances_with_a_tool_parser(
         assert len(replies) == TOOL_REQUESTS
         assert all(reply["tool_calls"] for reply in replies)
         assert {reply["metadata"]["instance"] for reply in replies} == {"sim-tools"}
-        assert without.stats()["requests"].get("chat", 0) == 0, "a tool request reached the server without tools"
-        assert with_parser.stats()["requests"]["chat"] == TOOL_REQUESTS
+        probes = 1 if plain_claims_tools else 0  # discovery's one check of the claim
+        assert without.stats()["requests"].get("chat", 0) == probes, "a tool request reached the server without tools"
+        assert with_parser.stats()["requests"]["chat"] == TOOL_REQUESTS + 1  # and one check there
     finally:
         for worker in workers:
             worker.stop()
