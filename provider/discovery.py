@@ -2,7 +2,10 @@
 
 vLLM's /v1/models lists served names and context windows but not what a model is for. A model whose
 capabilities the settings do not give is probed once per discovery with a one-word embedding request:
-a pooling model answers it, a generate model answers 404.
+a pooling model answers it, a generate model answers 404. A model the settings say serves ``tools`` is
+checked once with a one-token tools request: a server started without a tool-call parser refuses it
+(``"auto" tool choice requires --enable-auto-tool-choice ...``), and its offering then goes without ``tools``,
+so tool requests never reach it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import threading
 from provider.client import VllmClient, probe
 from provider.errors import ProviderError
 from provider.lanes import slug
-from provider.models import EmbedRequest
+from provider.models import ChatRequest, EmbedRequest
 from provider.offerings import Offering, normalize_capabilities, offerings_for_instance
 from provider.settings import InstanceSettings, Settings, normalize_base_url
 
 __all__ = [
     "EMBEDDING_PROBE_TIMEOUT_S",
+    "NO_TOOL_PARSER_HINT",
     "discover_offerings",
     "instances_to_serve",
     "localhost_instance_name",
@@ -35,6 +39,9 @@ def localhost_instance_name() -> str:
 
 
 EMBEDDING_PROBE_TIMEOUT_S = 5.0
+# In vLLM's 400 for tools on a server without a tool-call parser.
+NO_TOOL_PARSER_HINT = "--enable-auto-tool-choice"
+_PROBE_TOOL = {"type": "function", "function": {"name": "fleet_probe", "parameters": {"type": "object"}}}
 
 
 def instances_to_serve(settings: Settings) -> list[InstanceSettings]:
@@ -90,6 +97,48 @@ def _is_embedding_model(client: VllmClient, instance: InstanceSettings, model: s
     return embedding
 
 
+_tool_probes: dict[tuple[str, str], bool] = {}
+
+
+def _serves_tools(client: VllmClient, instance: InstanceSettings, model: str) -> bool:
+    """Whether the server takes tools with an ``auto`` tool choice (it has a tool-call parser); one probe per
+    (server, model), remembered. A transient failure says nothing: the settings' claim stands until asked again."""
+    key = (instance.base_url, model)
+    with _probed_lock:
+        known = _tool_probes.get(key)
+    if known is not None:
+        return known
+    probe_request = ChatRequest(
+        model=model,
+        messages=[{"role": "user", "content": "ping"}],
+        tools=[_PROBE_TOOL],
+        tool_choice="auto",
+        max_tokens=1,
+    )
+    try:
+        client.chat(probe_request, timeout_s=EMBEDDING_PROBE_TIMEOUT_S)
+        serves = True
+    except ProviderError as exc:
+        if exc.retryable:
+            return True
+        serves = NO_TOOL_PARSER_HINT not in exc.message
+    if not serves:
+        log.warning("instance %s claims tools for %s but its vLLM has no tool-call parser", instance.name, model)
+    with _probed_lock:
+        _tool_probes[key] = serves
+    return serves
+
+
+def _checked_tools(client: VllmClient, instance: InstanceSettings, offering: Offering) -> Offering:
+    """The offering, without ``tools`` when its server turns tools away."""
+    if "tools" not in offering.capabilities or offering.usage_type != "inference":
+        return offering
+    if _serves_tools(client, instance, offering.model):
+        return offering
+    kept = tuple(cap for cap in offering.capabilities if cap != "tools")
+    return offering.model_copy(update={"capabilities": kept})
+
+
 def discover_offerings(client: VllmClient, instance: InstanceSettings, settings: Settings) -> list[Offering]:
     """The offerings an instance serves now (raises ``ProviderError`` when it cannot be reached)."""
     entries = []
@@ -98,10 +147,11 @@ def discover_offerings(client: VllmClient, instance: InstanceSettings, settings:
         if info.parent is None:
             entry["is_embedding"] = _is_embedding_model(client, instance, info.id)
         entries.append(entry)
-    return offerings_for_instance(
+    offerings = offerings_for_instance(
         instance,
         entries,
         settings.model_aliases,
         allow=settings.allow_models,
         deny=settings.deny_models,
     )
+    return [_checked_tools(client, instance, offering) for offering in offerings]

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-mode", choices=["echo", "lorem"])
     parser.add_argument("--keepalive-ms", type=float, help="SSE keep-alive comment interval while idle")
     parser.add_argument("--vllm-version", help="the version /version reports")
+    parser.add_argument(
+        "--no-tool-parser",
+        action="store_true",
+        help="as a vLLM started without --enable-auto-tool-choice --tool-call-parser: tools with auto choice get 400",
+    )
+    parser.add_argument("--max-logprobs", type=int, help="vLLM's --max-logprobs (default 20)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -134,6 +140,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         "legacy_dev_routes": args.legacy_dev_routes or None,
         "text_mode": args.text_mode,
         "version": args.vllm_version,
+        "tool_parser": False if args.no_tool_parser else None,
+        "max_logprobs": args.max_logprobs,
     }
     data.update({key: value for key, value in options.items() if value is not None})
     return SimulatorConfig.model_validate(data)

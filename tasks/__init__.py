@@ -84,7 +84,8 @@ def open_stream(result: FleetResult | str, *, start_id: str = "0-0", timeout_s: 
 
 
 def cancel(result: FleetResult | str, *, revoke: bool = True) -> None:
-    """Give up on a request: a stream stops within one chunk; a queued task is revoked."""
+    """Give up on a request: a stream stops within two relay round trips and a token (measured in the README);
+    a queued task is revoked."""
     rt = runtime()
     task_id = result if isinstance(result, str) else result.id
     rt.redis.set(rt.keys.cancel(task_id), b"1", px=3_600_000)

@@ -270,7 +270,13 @@ def _cmd_lanes(args: argparse.Namespace) -> int:
     from tasks.runtime import runtime
 
     rt = runtime()
-    lanes = sorted({o.lane(rt.settings.lanes.style) for o in rt.registry.all()})
+    style = rt.settings.lanes.style
+    found: set[str] = set()
+    for offering in rt.registry.all():
+        found.add(offering.lane(style))
+        if style == "shared":
+            found.update(offering.capability_lanes())
+    lanes = sorted(found)
     live = {} if rt.amqp else _live_consumers()
     table = Table("lane", "waiting", "consumers")
     for lane in lanes:

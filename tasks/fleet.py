@@ -108,6 +108,8 @@ def _management(verified: VerifiedRequest, served: ServedInstance) -> dict[str, 
         answer = client.sleep(level=int(params.get("level", 1)), mode=params.get("mode"))
     elif operation == "wake_up":
         answer = client.wake_up(tags=params.get("tags"))
+        # vLLM says "awake" even when only some parts woke (tags=weights): report whether it still sleeps
+        answer["is_sleeping"] = client.is_sleeping()
         worker_fleet().refresh(served.name)  # a server that slept through discovery offers its models now
     elif operation == "discover":
         # live=False answers with the cached view, without touching the network

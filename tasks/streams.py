@@ -496,5 +496,6 @@ class FleetStream:
         return "".join(self._parts)
 
     def cancel(self, ttl_s: float = 3600.0) -> None:
-        """Ask the worker to stop generating: it closes the HTTP stream within one chunk."""
+        """Ask the worker to stop generating: it closes the HTTP stream at the first chunk after its relay sees the
+        flag (two relay round trips and a token at most; the README gives the measured figures)."""
         self._redis.set(self._cancel_key, b"1", px=int(ttl_s * 1000))

@@ -37,3 +37,21 @@ def test_embedding_probe_is_remembered_and_a_transient_failure_raises() -> None:
                 discover_offerings(client, instance, settings)
             again = {o.model: o.usage_type for o in discover_offerings(client, instance, settings)}
             assert again["newvec"] == "embedding"
+
+
+@pytest.mark.parametrize("tool_parser", [True, False], ids=["with-parser", "without-parser"])
+def test_a_claimed_tools_capability_is_checked_once_against_the_server(tool_parser: bool) -> None:
+    """Settings that say a model serves tools are checked with one tools request: a server without a tool-call
+    parser refuses it, and its offering goes without ``tools`` (so no tool request is routed to it)."""
+    config = SimulatorConfig(models=[ServedModel(name="chatty", max_model_len=2048)], tool_parser=tool_parser)
+    with SimulatorServer(config) as sim:
+        instance = InstanceSettings(
+            name=f"tools-{tool_parser}", base_url=sim.url, model_capabilities={"chatty": ["tools"]}
+        )
+        settings = Settings(probe_localhost=False)
+        with VllmClient(instance) as client:
+            offerings = discover_offerings(client, instance, settings)
+            assert ("tools" in offerings[0].capabilities) is tool_parser
+            assert sim.stats()["requests"]["chat"] == 1
+            assert discover_offerings(client, instance, settings) == offerings
+            assert sim.stats()["requests"]["chat"] == 1, "the answer is remembered"

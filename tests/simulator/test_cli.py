@@ -65,3 +65,11 @@ def test_simulator_in_a_child_process() -> None:
         process = sim.process
     assert process is not None
     assert process.poll() is not None
+
+
+def test_tool_parser_and_logprob_flags() -> None:
+    """``--no-tool-parser`` and ``--max-logprobs`` set the matching config fields; by default a parser is on."""
+    config = config_from_args(build_parser().parse_args(["--no-tool-parser", "--max-logprobs", "5"]), {})
+    assert (config.tool_parser, config.max_logprobs) == (False, 5)
+    default = config_from_args(build_parser().parse_args([]), {})
+    assert (default.tool_parser, default.max_logprobs) == (True, 20)

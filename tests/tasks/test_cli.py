@@ -52,7 +52,9 @@ def test_everyday_commands(fleet: Fleet, capsys: pytest.CaptureFixture[str], tmp
     assert main(["instances"]) == 0
     assert "llm.fleet.mgmt.sim-a" in capsys.readouterr().out
     assert main(["lanes"]) == 0
-    assert "llm.fleet.inference.small-chat.ctx4096" in capsys.readouterr().out
+    lanes = capsys.readouterr().out
+    assert "llm.fleet.inference.small-chat.ctx4096" in lanes
+    assert "llm.fleet.inference.qwen3-6-27b.ctx32768.cap.tools" in lanes  # sim-a offers it with tools
     assert main(["manage", "version", "--instance", "sim-a"]) == 0
     assert "version=" in capsys.readouterr().out
     assert main(["manage", "health"]) == 0

@@ -61,20 +61,24 @@ def _offered(model: str, instances: set[str]) -> bool:
     return instances <= {o.instance_id for o in runtime().registry.all() if o.model == model}
 
 
+@pytest.mark.parametrize("plain_claims_tools", [False, True], ids=["configured", "misconfigured"])
 def test_tool_requests_reach_only_instances_with_a_tool_parser(
-    fleet: Fleet, tool_simulators: tuple[SimulatorServer, SimulatorServer]
+    fleet: Fleet, tool_simulators: tuple[SimulatorServer, SimulatorServer], plain_claims_tools: bool
 ) -> None:
     """Defect 1: two instances of one model on one shared lane, only one able to serve tools: 50 tool requests,
-    none reaches the instance without a tool parser; plain requests still go to both lanes' consumers."""
+    none reaches the instance without a tool parser, whether its settings say it has no tools or (wrongly) that
+    it has them (discovery checks the claim)."""
     from tasks import chat
 
     with_parser, without = tool_simulators
     with_parser.reset()
     without.reset()
-    tools_settings = _one_instance(fleet, "sim-tools", with_parser.url, model_capabilities={TOOL_MODEL: ["tools"]})
+    claim = {"model_capabilities": {TOOL_MODEL: ["tools"]}}
     workers = [
-        WorkerProcess(tools_settings, "sim-tools"),
-        WorkerProcess(_one_instance(fleet, "sim-plain", without.url), "sim-plain"),
+        WorkerProcess(_one_instance(fleet, "sim-tools", with_parser.url, **claim), "sim-tools"),
+        WorkerProcess(
+            _one_instance(fleet, "sim-plain", without.url, **(claim if plain_claims_tools else {})), "sim-plain"
+        ),
     ]
     try:
         wait_for(lambda: _offered(TOOL_MODEL, {"sim-tools", "sim-plain"}), timeout_s=30, what="both offerings")
@@ -88,8 +92,9 @@ def test_tool_requests_reach_only_instances_with_a_tool_parser(
         assert len(replies) == TOOL_REQUESTS
         assert all(reply["tool_calls"] for reply in replies)
         assert {reply["metadata"]["instance"] for reply in replies} == {"sim-tools"}
-        assert without.stats()["requests"].get("chat", 0) == 0, "a tool request reached the server without tools"
-        assert with_parser.stats()["requests"]["chat"] == TOOL_REQUESTS
+        probes = 1 if plain_claims_tools else 0  # discovery's one check of the claim
+        assert without.stats()["requests"].get("chat", 0) == probes, "a tool request reached the server without tools"
+        assert with_parser.stats()["requests"]["chat"] == TOOL_REQUESTS + 1  # and one check there
     finally:
         for worker in workers:
             worker.stop()
@@ -185,6 +190,7 @@ def test_an_error_quoting_the_callers_content_is_still_withheld(fleet: Fleet) ->
     assert "withheld" in error.message
 
 
+ABORT_ITL_S = 0.03  # 60 tokens take 1.8 s: time to put the server to sleep in the middle, even on a busy host
 LONG_ANSWER = [{"role": "user", "content": " ".join(f"w{i}" for i in range(60))}]
 
 
@@ -204,8 +210,8 @@ def test_a_stream_aborted_by_sleep_restarts_with_a_reset(fleet: Fleet) -> None:
     answer; the result is not a success with ``finish_reason="abort"``."""
     from tasks import StreamReset, open_stream, stream_chat
 
-    fleet.simulator.configure(itl_s=0.02)
-    result = stream_chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
+    result = stream_chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=30)
     stream = open_stream(result)
     items: list[Any] = []
     reader = threading.Thread(target=lambda: items.extend(stream))
@@ -224,8 +230,8 @@ def test_a_chat_aborted_by_sleep_is_retried(fleet: Fleet) -> None:
     """Defect 3, not streamed: the aborted generation is retried after wake-up and the answer is whole."""
     from tasks import chat
 
-    fleet.simulator.configure(itl_s=0.02)
-    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
+    result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=30)
     _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=0.3)
     final = result.get()
     assert (final["finish_reason"], final["content"]) == ("stop", LONG_ANSWER[0]["content"])
@@ -235,7 +241,7 @@ def test_an_abort_that_outlasts_the_deadline_is_a_typed_error(fleet: Fleet) -> N
     """Defect 3: when the server stays asleep, the caller gets a typed error by its deadline, not a success."""
     from tasks import chat
 
-    fleet.simulator.configure(itl_s=0.02)
+    fleet.simulator.configure(itl_s=ABORT_ITL_S)
     result = chat.delay(model=SMALL_MODEL, messages=LONG_ANSWER, max_tokens=200, timeout_s=4)
     try:
         _abort_by_sleep_when(fleet, lambda: fleet.simulator.stats()["running"] >= 1, wake_after_s=None)
@@ -336,13 +342,19 @@ CANCEL_ROUNDS = 10
 CANCEL_ITL_S = 0.01  # 100 tokens a second, a fast GPU's pace
 
 
-def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet) -> None:
+@pytest.mark.parametrize("busy_streams", [0, 6], ids=["alone", "beside-6-streams"])
+def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet, busy_streams: int) -> None:
     """Defect 9: measure how long ``cancel()`` takes to stop vLLM's generation (until the simulator counts the
-    abort) and how many chunks still reach the reader, at 100 tokens/s. Prints the figures (run with ``-s``);
-    asserts only that every stream ended ``cancelled`` and vLLM aborted every generation."""
+    abort) and how many chunks still reach the reader, at 100 tokens/s, alone or beside other streams on the
+    same worker. Prints the figures (run with ``-s``); asserts only that every stream ended ``cancelled`` and
+    vLLM aborted every generation."""
     from tasks import cancel, open_stream, stream_chat
 
     fleet.simulator.configure(itl_s=CANCEL_ITL_S, text_mode="lorem", output_tokens=2000)
+    busy = [
+        stream_chat.delay(model=SMALL_MODEL, messages=WEATHER, max_tokens=3000, ignore_eos=True, timeout_s=60)
+        for _ in range(busy_streams)
+    ]
     latencies_s: list[float] = []
     late_chunks: list[int] = []
     for round_number in range(CANCEL_ROUNDS):
@@ -362,9 +374,12 @@ def test_cancellation_stops_generation_and_its_latency_is_reported(fleet: Fleet)
         wait_for(lambda: fleet.simulator.stats()["aborted"] > aborted_before, timeout_s=10, what="vLLM's abort")  # noqa: B023
         latencies_s.append(time.monotonic() - cancelled_at)
         late_chunks.append(late)
+    for result in busy:
+        cancel(result)
     latencies_s.sort()
     print(
-        f"\ncancel -> vLLM abort over {CANCEL_ROUNDS} streams at {1 / CANCEL_ITL_S:.0f} tokens/s: "
+        f"\ncancel -> vLLM abort over {CANCEL_ROUNDS} streams at {1 / CANCEL_ITL_S:.0f} tokens/s beside "
+        f"{busy_streams} others: "
         f"median {latencies_s[len(latencies_s) // 2] * 1000:.0f} ms, max {latencies_s[-1] * 1000:.0f} ms; "
         f"chunks read after cancel: median {sorted(late_chunks)[len(late_chunks) // 2]}, max {max(late_chunks)}"
     )
@@ -387,3 +402,17 @@ def test_logprobs_asked_through_extra_body_come_back(fleet: Fleet, streamed: boo
     assert "".join(entry["token"] for entry in entries) == reply["content"] == WEATHER[0]["content"]
     assert all(len(entry["top_logprobs"]) == 3 for entry in entries)
     assert fleet.simulator.stats()["last_chat_body"]["top_logprobs"] == 3
+
+
+def test_wake_up_says_whether_the_server_still_sleeps(fleet: Fleet) -> None:
+    """vLLM answers ``{"status": "awake"}`` to ``wake_up?tags=weights`` yet still sleeps (its KV cache is not
+    back): the fleet's answer says so (``is_sleeping``), and says awake once every part woke."""
+    from tasks import sleep, wake_up
+
+    sleep.delay(instance="sim-a", level=1).get()
+    try:
+        partial = wake_up.delay(instance="sim-a", tags=["weights"]).get()["result"]
+        assert (partial["status"], partial["is_sleeping"]) == ("awake", True)
+    finally:
+        whole = wake_up.delay(instance="sim-a").get()["result"]
+    assert whole["is_sleeping"] is False
