@@ -152,6 +152,8 @@ _ERROR_ID_PATTERNS = {
     "routing_key": LANE_PATTERN,
 }
 _EMPTY_OBJECT_HASH = sha256_hex({})
+# Sealed with a response's payload: the caller's contexts may hold secrets (bearer tokens, user ids).
+SEALED_CONTEXT_FIELDS = ("message_context", "trace_context")
 # A worker's signature over an answer covers this prefix and the RFC 8785 form of the envelope without it.
 WORKER_SIGNATURE_FIELD = "worker_signature"
 _ANSWER_SIGNATURE_PREFIX = b"llm.fleet.answer.v2\n"
@@ -599,7 +601,7 @@ class EnvelopeCodec:
             if name not in ("sealed_body", WORKER_SIGNATURE_FIELD) and value is not None
         }
         if response.sealed_body is None:
-            if self._encrypt and any(name in plain for name in SEALED_RESPONSE_FIELDS):
+            if self._encrypt and any(name in plain for name in (*SEALED_RESPONSE_FIELDS, *SEALED_CONTEXT_FIELDS)):
                 raise EncryptionRequiredError("the response payload must be sealed", field="sealed_body")
             return plain
         plaintext = open_sealed(
@@ -610,7 +612,7 @@ class EnvelopeCodec:
             lane=response.routing_key or "",
         )
         body = _loads_signed(plaintext, "sealed response body")
-        if not isinstance(body, dict) or not set(body) <= set(SEALED_RESPONSE_FIELDS):
+        if not isinstance(body, dict) or not set(body) <= {*SEALED_RESPONSE_FIELDS, *SEALED_CONTEXT_FIELDS}:
             raise MalformedError("the sealed response body has unexpected fields", field="sealed_body")
         merged = {**plain, **{name: value for name, value in body.items() if value is not None}}
         self._validate(ResponseEnvelope, merged)
@@ -713,6 +715,11 @@ class EnvelopeCodec:
         payload = {name: body[name] for name in SEALED_RESPONSE_FIELDS if body.get(name) is not None}
         if not include_reasoning:
             payload.pop("reasoning", None)
+        # The caller's contexts come back sealed with the payload (never in clear at rest when encryption is on).
+        for name in SEALED_CONTEXT_FIELDS:
+            context = getattr(verified, name)
+            if context:
+                payload[name] = context
         envelope: dict[str, Any] = {
             "message_type": RESPONSE_MESSAGE_TYPE,
             "protocol_version": PROTOCOL_VERSION,
@@ -973,8 +980,6 @@ class EnvelopeCodec:
             "provider_instance": verified.provider_instance,
             "model": verified.model,
             "routing_key": verified.lane,
-            "message_context": verified.message_context,
-            "trace_context": verified.trace_context,
         }
         return {name: value for name, value in ids.items() if value is not None}
 

@@ -4,6 +4,7 @@ wrote for its request, and a worker runs nothing but fleet tasks (issue 10's att
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -335,3 +336,101 @@ def test_a_model_name_that_only_matches_once_slugged_is_refused_at_submit(fleet:
         chat.delay(model=name, messages=[{"role": "user", "content": "hi"}])
     assert info.value.code == "no_fleet_queue"
     assert info.value.message == f"unknown model {name!r}; did you mean {CHAT_MODEL!r}?"
+
+
+# ---------------------------------------------------------------------------------------- nothing in clear
+
+
+def canary() -> str:
+    return f"canary-{uuid.uuid4().hex}"
+
+
+def everything_stored(fleet: Fleet, request_id: str) -> bytes:
+    """The result record and the ledger record of a request, as bytes."""
+    from tasks.runtime import runtime
+
+    ledger: Any = fleet.state.hgetall(runtime().ledger.key(request_id))
+    return (stored_meta(request_id) or b"") + b"".join(k + v for k, v in ledger.items())
+
+
+@pytest.fixture
+def celery_info_logs(fleet: Fleet) -> Any:
+    """Celery's per-task INFO lines (``Task vllm.chat[…] succeeded in …: …``) on, as a worker at INFO logs them.
+
+    Celery decides whether to log them when it builds a task's tracer: rebuilt here with its logger at INFO."""
+    from celery.app.trace import build_tracer
+
+    from tasks import app, chat
+
+    logger = logging.getLogger("celery.app.trace")
+    level, tracer = logger.level, chat.__trace__
+    logger.setLevel(logging.INFO)
+    chat.__trace__ = build_tracer(chat.name, chat, app.loader, "integrity-test", app=app)
+    yield
+    chat.__trace__ = tracer
+    logger.setLevel(level)
+
+
+def test_secrets_in_contexts_are_sealed_in_results_and_ledger_and_never_logged(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture, celery_info_logs: Any
+) -> None:
+    from tasks import chat
+
+    bearer, trace, user, prompt = canary(), canary(), canary(), canary()
+    caplog.set_level(logging.INFO)
+    result = chat.delay(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=64,
+        message_context={"authorization": f"Bearer {bearer}"},
+        trace_context={"traceparent": trace},
+        caller={"user": user},
+    )
+    reply = result.get(timeout=RESULT_TIMEOUT_S)
+    assert reply["message_context"] == {"authorization": f"Bearer {bearer}"}  # the caller gets them back
+    assert reply["trace_context"] == {"traceparent": trace}
+    stored = everything_stored(fleet, result.id)
+    logged = caplog.text
+    assert any("succeeded" in record.getMessage() for record in caplog.records), "Celery's success line not seen"
+    for secret in (bearer, trace, user, prompt):
+        assert secret.encode() not in stored
+        assert secret not in logged
+
+
+def test_a_prompt_in_params_the_worker_cannot_validate_is_never_logged(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Params that pass the token checks but not ``ChatRequest`` (built by another producer): a typed error,
+    and the log names the fields, never pydantic's ``input_value``."""
+    from tests.tasks.test_bad_input import build, publish
+
+    prompt = canary()
+    caplog.set_level(logging.INFO)
+    messages = [{"role": "user", "content": prompt}]
+    bad = build(fleet, params={"model": CHAT_MODEL, "messages": messages, "max_tokens": prompt})
+    with pytest.raises(FleetError) as info:
+        publish(bad).get(timeout=RESULT_TIMEOUT_S)
+    assert info.value.code == "invalid_request"
+    assert prompt not in info.value.message
+    assert prompt not in caplog.text
+    assert prompt.encode() not in everything_stored(fleet, bad["request_id"])
+
+
+def test_task_events_show_the_summary_not_the_result(fleet: Fleet) -> None:
+    """What a worker puts in the ``task-succeeded`` event (Flower's view) is the tracer's rendering of the return
+    value: run the task through Celery's own tracer and read it: ``<response op=… request_id=…>`` only."""
+    from celery.app.trace import build_tracer
+
+    from tasks import app, chat
+    from tests.tasks.test_bad_input import build
+
+    bearer = canary()
+    envelope = build(fleet, message_context={"authorization": f"Bearer {bearer}"})
+    rid = envelope["request_id"]
+    tracer = build_tracer(chat.name, chat, app.loader, "integrity-test", app=app)
+    request = {"id": rid, "delivery_info": {"routing_key": envelope["routing_key"]}}
+    outcome = tracer(rid, [envelope], {}, request)
+    rendered = outcome[3]  # (retval, info, runtime, rendered retval): the event's ``result``
+    assert rendered.startswith(f"<response op=chat request_id={rid} lane={envelope['routing_key']}")
+    assert bearer not in rendered
+    assert outcome[0]["request_id"] == rid
