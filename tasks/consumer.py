@@ -11,6 +11,8 @@ a message holds, handling it never raises into the event loop (broker connection
 On Redis anyone with broker access can push an item that is not a kombu message at all onto a lane list; kombu
 then raises in its reader and the worker stops. ``guard_redis_transport`` makes kombu hand such an item over as
 a message of its own content type (``UNDECODABLE_CONTENT_TYPE``), which the consumer dead-letters like the rest.
+It also sets a message's delivery lane to the list kombu actually popped it from: a frame LPUSHed onto one
+lane's list claiming another lane in its own ``delivery_info`` is checked against the lane it really came from.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -314,7 +317,29 @@ def guard_redis_transport() -> bool:
             except Exception:  # not a kombu message dict: wrap what was there
                 super().__init__(_undecodable_payload(payload), channel=channel, **kwargs)
 
+    original_deliver = redis_transport.Transport._deliver
+    original_fanout = redis_transport.Channel._deliver_fanout_message
+    fanout = threading.local()
+
+    def _deliver(self: Any, message: Any, queue: Any) -> Any:
+        """Deliver a list item with the lane taken from the list BRPOP popped it from, never from the frame's
+        own claim (broadcasts, which come by pub/sub, keep theirs)."""
+        properties = message.get("properties") if isinstance(message, dict) else None
+        if isinstance(properties, dict) and queue and not getattr(fanout, "active", False):
+            info = properties.get("delivery_info")
+            properties["delivery_info"] = {**(info if isinstance(info, dict) else {}), "routing_key": queue}
+        return original_deliver(self, message, queue)
+
+    def _deliver_fanout_message(self: Any, message: Any, exchange: Any) -> Any:
+        fanout.active = True
+        try:
+            return original_fanout(self, message, exchange)
+        finally:
+            fanout.active = False
+
     redis_transport.loads = loads
     redis_transport.Channel.Message = GuardedMessage
+    redis_transport.Transport._deliver = _deliver
+    redis_transport.Channel._deliver_fanout_message = _deliver_fanout_message
     redis_transport._fleet_guarded = True
     return True

@@ -48,6 +48,7 @@ from provider.protocol.envelope import (
     IDENT_PATTERN,
     LANE_PATTERN,
     MAX_ERROR_MESSAGE_CHARS,
+    MAX_TIMEOUT_S,
     NAME_PATTERN,
     PLAIN_RESPONSE_FIELDS,
     PROTOCOL_VERSION,
@@ -76,6 +77,7 @@ from provider.protocol.errors import (
     NotYetValidError,
     OperationNotAllowedError,
     PayloadHashMismatchError,
+    TokenLifetimeError,
     TooLargeError,
     UnknownKeyError,
     UnsupportedContractError,
@@ -397,8 +399,12 @@ class VerifiedRequest:
 class EnvelopeCodec:
     """Signs, seals, verifies and answers envelopes with one ``SecuritySettings`` and its ``KeyRing``."""
 
-    def __init__(self, security: SecuritySettings, keyring: KeyRing | None = None) -> None:
+    def __init__(
+        self, security: SecuritySettings, keyring: KeyRing | None = None, *, max_lifetime_s: float | None = None
+    ) -> None:
         self._security = security
+        # The longest a token may live: the setting, else what the caller (the runtime: the longest deadline) says.
+        self._max_lifetime_s = security.max_token_lifetime_s or max_lifetime_s or MAX_TIMEOUT_S
         self._keys = keyring if keyring is not None else KeyRing.from_settings(security)
         if self._keys.algorithm != security.algorithm:
             raise KeyConfigurationError("the key ring's algorithm differs from the configured one")
@@ -455,6 +461,10 @@ class EnvelopeCodec:
             raise MalformedError("execution_contract and offering_id go together", field="offering_id")
         if not (_is_number(timeout_s) and timeout_s > 0):
             raise MalformedError("timeout_s must be a positive number of seconds", field="timeout_seconds")
+        if timeout_s > self._max_lifetime_s:
+            raise TokenLifetimeError(
+                f"timeout_s is over this fleet's maximum of {self._max_lifetime_s:g} s", field="timeout_seconds"
+            )
         now_s = time.time() if now is None else now
         rid = request_id or uuid.uuid4().hex
         cid = correlation_id or rid
@@ -660,6 +670,7 @@ class EnvelopeCodec:
         expires_epoch = parse_expires_at(env.expires_at)
         if abs(claims["exp"] - expires_epoch) > EXP_TOLERANCE_S:
             raise ClaimMismatchError("exp does not match expires_at", field="exp")
+        self._check_lifetime(claims, env.timeout_seconds)
         verified = VerifiedRequest(
             request_id=env.request_id,
             correlation_id=env.correlation_id,
@@ -884,7 +895,7 @@ class EnvelopeCodec:
             raise InvalidSignatureError("the token signature does not verify", field="signed_token") from None
         except (PyJWTError, ValueError, TypeError):
             raise InvalidSignatureError("the token could not be verified", field="signed_token") from None
-        claims = _loads_signed(decoded["payload"], "token payload")
+        claims = _loads(decoded["payload"], "token payload")  # strict: a duplicate claim is refused
         if not isinstance(claims, dict):
             raise MalformedError("the token claims are not a JSON object", field="signed_token")
         issuer = claims.get("iss")
@@ -909,6 +920,17 @@ class EnvelopeCodec:
             raise MalformedError("token claim 'jti' is missing", field="jti")
         digest = hashlib.sha256(f"{header_b64}.{payload_b64}".encode("ascii")).hexdigest()
         return claims, digest
+
+    def _check_lifetime(self, claims: Mapping[str, Any], timeout_s: float) -> None:
+        """A token lives at most its own timeout (plus leeway), and its timeout is within the fleet's maximum.
+
+        Without this a token signed for ten years would be served for ten years, and its jti record (the replay
+        guard) would have to live as long."""
+        lifetime_s = claims["exp"] - claims["iat"]
+        if lifetime_s > timeout_s + self._leeway_s + EXP_TOLERANCE_S:
+            raise TokenLifetimeError("the token outlives its own timeout", field="exp")
+        if timeout_s > self._max_lifetime_s:
+            raise TokenLifetimeError("the timeout is over this fleet's maximum", field="timeout_seconds")
 
     def _match_claims(self, claims: Mapping[str, Any], env: RequestEnvelope, lane: str | None, task_name: str) -> None:
         """Every scalar claim equals its envelope field; the lane claim the routing key and the queue."""

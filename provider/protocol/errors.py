@@ -14,6 +14,7 @@
     ├── WrongAudienceError          wrong_audience         ``aud`` is not this fleet's workers
     ├── NotYetValidError            not_yet_valid          ``nbf``/``iat`` in the future (beyond leeway)
     ├── ExpiredError                expired                past ``expires_at``/``exp`` (beyond leeway)
+    ├── TokenLifetimeError          token_lifetime         lives past its timeout or the fleet's maximum
     ├── ClaimMismatchError          claim_mismatch         a signed claim differs from envelope, lane, task
     ├── PayloadHashMismatchError    payload_hash_mismatch  the params are not the ones signed
     ├── DecryptFailedError          decrypt_failed         AES-GCM refused (wrong key, tampered, truncated)
@@ -54,6 +55,7 @@ __all__ = [
     "OperationNotAllowedError",
     "PayloadHashMismatchError",
     "ReplayedError",
+    "TokenLifetimeError",
     "TooLargeError",
     "UnknownKeyError",
     "UnsupportedContractError",
@@ -186,6 +188,13 @@ class ExpiredError(EnvelopeError):
     default_message = "the request deadline has passed"
 
 
+class TokenLifetimeError(EnvelopeError):
+    """A token that lives longer than its own timeout (plus leeway) or than the fleet's maximum lifetime."""
+
+    code = "token_lifetime"
+    default_message = "the token lives longer than allowed"
+
+
 class ClaimMismatchError(EnvelopeError):
     """A signed claim differs from the envelope, the lane it arrived on, or the task that runs it."""
 
@@ -289,6 +298,7 @@ ERROR_CLASSES: dict[str, type[EnvelopeError]] = {
         WrongAudienceError,
         NotYetValidError,
         ExpiredError,
+        TokenLifetimeError,
         ClaimMismatchError,
         PayloadHashMismatchError,
         DecryptFailedError,

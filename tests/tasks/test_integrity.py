@@ -434,3 +434,130 @@ def test_task_events_show_the_summary_not_the_result(fleet: Fleet) -> None:
     assert rendered.startswith(f"<response op=chat request_id={rid} lane={envelope['routing_key']}")
     assert bearer not in rendered
     assert outcome[0]["request_id"] == rid
+
+
+# ----------------------------------------------------------------------------- tokens and what carries them
+
+
+def resigned(fleet: Fleet, envelope: dict[str, Any], **claims: Any) -> dict[str, Any]:
+    """The envelope with its token re-signed by the fleet's real request key over changed claims."""
+    import jwt
+
+    from tests.tasks.test_bad_input import token_parts
+
+    header, old, _ = token_parts(envelope)
+    key = fleet.settings.security.signing_key
+    assert key is not None
+    token = jwt.encode({**old, **claims}, key.get_secret_value(), algorithm="EdDSA", headers={"kid": header["kid"]})
+    return {**envelope, "signed_token": token}
+
+
+def test_a_token_that_outlives_its_timeout_is_refused(fleet: Fleet) -> None:
+    """Signed with the real key, ``timeout_seconds`` 5 but ``exp``/``expires_at`` ten years ahead."""
+    import time
+
+    from provider.protocol.envelope import format_expires_at
+    from tests.tasks.test_bad_input import assert_refused, build, publish
+
+    good = build(fleet)
+    later = time.time() + 10 * 365 * 86400
+    expires_at = format_expires_at(later)
+    forever = resigned(fleet, {**good, "expires_at": expires_at}, exp=int(later) + 1, expires_at=expires_at)
+    assert_refused(fleet, "token_lifetime", lambda: publish(forever), field="exp")
+
+
+def test_a_timeout_over_the_fleets_maximum_is_refused(fleet: Fleet) -> None:
+    """Another producer configured with a longer maximum: the worker still holds its own (120 s here)."""
+    from tests.tasks.test_bad_input import assert_refused, build, codec_with, publish
+
+    generous = codec_with(fleet, max_token_lifetime_s=10_000.0)
+    long_lived = build(fleet, generous, timeout_s=600.0)
+    assert_refused(fleet, "token_lifetime", lambda: publish(long_lived), field="timeout_seconds")
+
+
+def test_the_producer_refuses_a_timeout_over_the_maximum_at_submit(fleet: Fleet) -> None:
+    from tasks import chat
+
+    with pytest.raises(FleetError) as info:
+        chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], timeout_s=600)
+    assert info.value.code == "token_lifetime"
+
+
+def test_a_duplicate_key_in_the_token_claims_is_refused(fleet: Fleet) -> None:
+    """The claims JSON with ``"lane"`` twice (the last one the real lane): refused, not read last-wins."""
+    import base64
+
+    from tests.tasks.test_bad_input import assert_refused, b64url, build, publish
+
+    good = build(fleet)
+    header_b64, claims_b64, _ = good["signed_token"].split(".")
+    claims_text = base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)).decode()
+    doubled = claims_text.replace('"lane":', '"lane":"llm.fleet.elsewhere","lane":', 1)
+    signing_input = f"{header_b64}.{b64url(doubled.encode())}"
+    key = fleet.settings.security.signing_key
+    assert key is not None
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    private: Any = load_pem_private_key(key.get_secret_value().encode(), password=None)
+    token = f"{signing_input}.{b64url(private.sign(signing_input.encode()))}"
+    assert_refused(fleet, "malformed", lambda: publish({**good, "signed_token": token}), field=None)
+
+
+def test_a_duplicate_key_in_a_broker_decoded_envelope_is_refused(
+    fleet: Fleet,
+    dead_letters: Any,  # noqa: F811 (the fixture imported above)
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kombu decodes the body (last key wins) before the codec sees it: the strict decoder refuses it there."""
+    from tasks import chat
+    from tests.tasks.test_bad_input import build, publish_bytes
+
+    envelope = build(fleet)
+
+    def send(marker: bytes) -> None:
+        text = json.dumps([[{**envelope, "correlation_id": marker.decode()}], {}, {}])
+        doubled = text.replace('"model": ', '"model": "someone-else", "model": ', 1)
+        publish_bytes(doubled.encode(), "application/json", {"task": "vllm.chat", "id": envelope["request_id"]})
+
+    assert_dead_lettered(fleet, dead_letters, caplog, "decode_error", send)
+    with pytest.raises(FleetError) as info:
+        chat.AsyncResult(envelope["request_id"]).get(timeout=RESULT_TIMEOUT_S)
+    assert info.value.code == "malformed"
+
+
+@pytest.mark.only_broker("redis")
+def test_a_redis_frame_claiming_another_lane_is_checked_against_the_list_it_came_from(fleet: Fleet) -> None:
+    """A frame LPUSHed onto lane B's list, claiming lane A (where its envelope is signed for) in its own
+    ``delivery_info``: the worker sees lane B, and refuses the lane mismatch."""
+    import base64
+
+    from tasks import app
+    from tests.tasks.conftest import SMALL_MODEL
+    from tests.tasks.test_bad_input import assert_refused, build, fleet_broker
+
+    envelope = build(fleet)
+    lane_a, lane_b = envelope["routing_key"], lane_of(SMALL_MODEL)
+    assert lane_a != lane_b
+
+    def send() -> Any:
+        from tasks import chat
+
+        message = app.amqp.as_task_v2(envelope["request_id"], "vllm.chat", args=[envelope], kwargs={})
+        frame = {
+            "body": base64.b64encode(json.dumps(message.body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": message.headers,
+            "properties": {
+                **message.properties,
+                "body_encoding": "base64",
+                "delivery_tag": uuid.uuid4().hex,
+                "delivery_info": {"exchange": "llm.fleet", "routing_key": lane_a},
+                "priority": 0,
+                "delivery_mode": 2,
+            },
+        }
+        fleet_broker().lpush(lane_b, json.dumps(frame))
+        return chat.AsyncResult(envelope["request_id"])
+
+    assert_refused(fleet, "claim_mismatch", send, field="lane")
