@@ -255,6 +255,9 @@ def fleet_task_names(app: Any) -> frozenset[str]:
 # --------------------------------------------------------------------------------------------- Redis transport
 
 
+_popped = threading.local()  # the Redis list kombu is delivering an item from, while it builds the message
+
+
 class _RawItem:
     """What the guarded ``loads`` returns for text that is not JSON: the text, kept for the dead-letter copy."""
 
@@ -316,26 +319,29 @@ def guard_redis_transport() -> bool:
                 super().__init__(payload, channel=channel, **kwargs)
             except Exception:  # not a kombu message dict: wrap what was there
                 super().__init__(_undecodable_payload(payload), channel=channel, **kwargs)
+                return
+            lane = getattr(_popped, "queue", None)
+            if lane:  # the lane is the list this came from, whatever the frame's own delivery_info claims
+                info: Any = getattr(self, "delivery_info", None)  # noqa: B009 (kombu's, untyped)
+                self.delivery_info = {**(info or {}), "routing_key": lane}
 
     original_deliver = redis_transport.Transport._deliver
     original_fanout = redis_transport.Channel._deliver_fanout_message
-    fanout = threading.local()
 
     def _deliver(self: Any, message: Any, queue: Any) -> Any:
-        """Deliver a list item with the lane taken from the list BRPOP popped it from, never from the frame's
-        own claim (broadcasts, which come by pub/sub, keep theirs)."""
-        properties = message.get("properties") if isinstance(message, dict) else None
-        if isinstance(properties, dict) and queue and not getattr(fanout, "active", False):
-            info = properties.get("delivery_info")
-            properties["delivery_info"] = {**(info if isinstance(info, dict) else {}), "routing_key": queue}
-        return original_deliver(self, message, queue)
+        """Note the list BRPOP popped this item from (broadcasts, which come by pub/sub, keep their own)."""
+        _popped.queue = None if getattr(_popped, "fanout", False) else queue
+        try:
+            return original_deliver(self, message, queue)
+        finally:
+            _popped.queue = None
 
     def _deliver_fanout_message(self: Any, message: Any, exchange: Any) -> Any:
-        fanout.active = True
+        _popped.fanout = True
         try:
             return original_fanout(self, message, exchange)
         finally:
-            fanout.active = False
+            _popped.fanout = False
 
     redis_transport.loads = loads
     redis_transport.Channel.Message = GuardedMessage

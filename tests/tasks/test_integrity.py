@@ -561,3 +561,31 @@ def test_a_redis_frame_claiming_another_lane_is_checked_against_the_list_it_came
         return chat.AsyncResult(envelope["request_id"])
 
     assert_refused(fleet, "claim_mismatch", send, field="lane")
+
+
+def test_an_alias_from_the_alias_table_resolves_to_the_served_id(fleet: Fleet) -> None:
+    """A worker registers ``served-id-x`` under its alias ``friendly`` (from the alias table): a request for
+    ``friendly`` is sent naming ``served-id-x``, on the alias's lane; ``FRIENDLY`` only slug-matches."""
+    from tasks.routing import invalidate_route_cache, pick_lane
+    from tasks.runtime import runtime
+
+    rt = runtime()
+    served = real_offering().model_copy(
+        update={"offering_id": "vllm:sim-x:inference:friendly", "model": "served-id-x", "canonical_alias": "friendly"}
+    )
+    aliases = rt.settings.model_aliases
+    aliases["friendly"] = {"vllm": "served-id-x"}
+    rt.registry.register([served], ttl_s=30)
+    try:
+        invalidate_route_cache()
+        choice = pick_lane("chat", "friendly", {"messages": [{"role": "user", "content": "hi"}]})
+        assert choice["model"] == "served-id-x"
+        assert choice["lane"] == served.shared_lane
+        assert pick_lane("chat", "served-id-x", {"messages": []})["model"] == "served-id-x"
+        with pytest.raises(FleetError) as info:
+            pick_lane("chat", "FRIENDLY", {"messages": []})
+        assert "did you mean 'friendly'?" in info.value.message
+    finally:
+        aliases.pop("friendly", None)
+        rt.registry.unregister([served.offering_id])
+        invalidate_route_cache()
