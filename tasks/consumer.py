@@ -322,7 +322,7 @@ def guard_redis_transport() -> bool:
                 return
             lane = getattr(_popped, "queue", None)
             if lane:  # the lane is the list this came from, whatever the frame's own delivery_info claims
-                info: Any = getattr(self, "delivery_info", None)  # noqa: B009 (kombu's, untyped)
+                info: Any = getattr(self, "delivery_info", None)
                 self.delivery_info = {**(info or {}), "routing_key": lane}
 
     original_deliver = redis_transport.Transport._deliver
