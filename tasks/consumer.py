@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "UndecodableReason",
     "fleet_task_names",
     "guard_redis_transport",
+    "redact_reprs",
 ]
 
 log = logging.getLogger("tasks.consumer")
@@ -149,6 +151,7 @@ class FleetConsumer(Consumer):
 
         def on_task_received(message: Any) -> None:
             try:
+                redact_reprs(message)
                 handle(message)
             except Exception as exc:  # any message whatever: never crash the consumer
                 # kombu's Redis transport counts KeyError as a connection error; from a handler it is the message's
@@ -243,6 +246,24 @@ class FleetConsumer(Consumer):
             backend.mark_as_failure(task_id, FleetTaskError(envelope), call_errbacks=False)
         except Exception as exc:  # the answer is a courtesy; the dead-lettered copy is what counts
             log.error("could not record the refusal of %s: %s", task_id, type(exc).__name__)
+
+
+# What the fleet's own producers put in ``argsrepr`` (``tasks.producer.envelope_summary``): ids only.
+_SUMMARY = re.compile(r"\(<envelope op=[a-z_]+ request_id=[A-Za-z0-9._:-]+ lane=[A-Za-z0-9._:-]+ model=[^\s<>]*>,\)")
+
+
+def redact_reprs(message: Any) -> None:
+    """Keep the sender's ``argsrepr``/``kwargsrepr`` headers only when they are the fleet's id-only summary.
+
+    Celery shows them in the ``task-received`` event (and Flower), and a Celery client other than the fleet's
+    producer fills them with the arguments themselves: the envelope, contexts in clear."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or ("argsrepr" not in headers and "kwargsrepr" not in headers):
+        return
+    argsrepr = headers.get("argsrepr")
+    if not (isinstance(argsrepr, str) and _SUMMARY.fullmatch(argsrepr)):
+        headers["argsrepr"] = f"(<envelope request_id={_well_formed(headers.get('id')) or '-'}>,)"
+    headers["kwargsrepr"] = "{}"
 
 
 def fleet_task_names(app: Any) -> frozenset[str]:

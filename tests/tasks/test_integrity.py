@@ -138,11 +138,16 @@ def test_a_result_no_worker_wrote_is_refused(fleet: Fleet, status: str) -> None:
     assert "forger" not in info.value.message
 
 
-def test_a_forged_result_stored_before_the_worker_answers_does_not_hide_its_answer(fleet: Fleet) -> None:
+@pytest.mark.parametrize("status", ["SUCCESS", "FAILURE"])
+def test_a_forged_result_stored_before_the_worker_answers_does_not_hide_its_answer(fleet: Fleet, status: str) -> None:
     from tests.tasks.test_bad_input import build, publish
 
     envelope = build(fleet)
-    store_forged(envelope["request_id"], "SUCCESS", forged_response(envelope["request_id"], "forged early"))
+    rid = envelope["request_id"]
+    forged = forged_response(rid, "forged early") if status == "SUCCESS" else forged_failure(rid)
+    if status == "FAILURE":
+        forged["exc_message"][0]["message"] = "forged early"
+    store_forged(rid, status, forged)
     reply = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
     assert reply["content"] == "hello bad input"
     stored = stored_meta(envelope["request_id"])
@@ -231,6 +236,34 @@ def test_stream_readers_skip_entries_no_worker_wrote_there_and_read_the_genuine_
     }[attack]
     rewrite_stream(fleet, result.id, [genuine[0], injected, *genuine[1:]])
     assert read_text(result.id) == STREAM_TEXT
+
+
+def test_reordered_stream_entries_are_refused(fleet: Fleet) -> None:
+    """Genuine entries moved out of order: the reader stops with a typed error instead of reading them so."""
+    fleet.simulator.configure(itl_s=0.02)  # one entry per chunk
+    result = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    assert len(genuine) >= 3
+    rewrite_stream(fleet, result.id, [genuine[0], genuine[2], genuine[1], *genuine[3:]])
+    with pytest.raises(FleetError) as info:
+        read_text(result.id)
+    assert info.value.code == "stream_gap"
+
+
+def test_the_async_reader_skips_a_replayed_entry_too(fleet: Fleet) -> None:
+    import asyncio
+
+    from tasks.aio import astream
+
+    result = streamed(fleet)
+    genuine = [fields for _, fields in stream_entries(fleet, result.id)]
+    rewrite_stream(fleet, result.id, [genuine[0], genuine[0], *genuine[1:]])
+
+    async def read() -> str:
+        parts = [getattr(item, "content", None) or "" async for item in astream(result.id, timeout_s=2.0)]
+        return "".join(parts)
+
+    assert asyncio.run(read()) == STREAM_TEXT
 
 
 def test_a_truncated_stream_is_refused(fleet: Fleet) -> None:
@@ -325,6 +358,29 @@ def test_a_malformed_registry_record_is_skipped_and_counted(fleet: Fleet, value:
         runtime().registry.unregister([offering_id])
 
 
+def test_an_instance_record_no_worker_wrote_gets_no_management_request(fleet: Fleet) -> None:
+    """An instance record planted with Redis access (naming an attacker's queue) is not an instance to route to."""
+    import time
+
+    from tasks import health
+    from tasks.runtime import runtime
+
+    rt = runtime()
+    record = {"name": "evil", "queue": "llm.fleet.mgmt.attacker", "tier": "local", "holder": "x", "models": []}
+    rt.redis.set(rt.keys.instance("evil"), json.dumps({"record": record}), px=30_000)
+    rt.redis.zadd(rt.keys.instances, {"evil": time.time() + 30})
+    before = registry_count("instance_unauthenticated")
+    try:
+        with pytest.raises(FleetError) as info:
+            health.delay(instance="evil")
+        assert info.value.code == "no_fleet_queue"
+        assert registry_count("instance_unauthenticated") > before
+        assert health.delay(instance="sim-a").get(timeout=RESULT_TIMEOUT_S)["result"]["live"] is True
+    finally:
+        rt.redis.delete(rt.keys.instance("evil"))
+        rt.redis.zrem(rt.keys.instances, "evil")
+
+
 # ------------------------------------------------------------------------------------------- model names
 
 
@@ -414,6 +470,35 @@ def test_a_prompt_in_params_the_worker_cannot_validate_is_never_logged(
     assert prompt not in info.value.message
     assert prompt not in caplog.text
     assert prompt.encode() not in everything_stored(fleet, bad["request_id"])
+
+
+def test_arguments_a_sender_rendered_itself_never_reach_task_received(fleet: Fleet) -> None:
+    """A Celery client other than the fleet's producer sends ``argsrepr`` = the envelope (contexts in clear):
+    the worker's ``task-received`` (Flower's view) gets the id-only summary instead."""
+    from celery import signals
+
+    from tasks import app, chat
+    from tasks.routing import queue_for
+    from tests.tasks.test_bad_input import build
+
+    bearer = canary()
+    envelope = build(fleet, message_context={"authorization": f"Bearer {bearer}"})
+    seen: list[str] = []
+
+    def received(request: Any, **_: Any) -> None:
+        if request.id == envelope["request_id"]:
+            seen.append(f"{request.argsrepr} {request.kwargsrepr}")
+
+    signals.task_received.connect(received, weak=False)
+    try:
+        app.send_task(
+            "vllm.chat", args=[envelope], task_id=envelope["request_id"], queue=queue_for(envelope["routing_key"])
+        )
+        chat.AsyncResult(envelope["request_id"]).get(timeout=RESULT_TIMEOUT_S)
+    finally:
+        signals.task_received.disconnect(received)
+    assert seen == [f"(<envelope request_id={envelope['request_id']}>,) {{}}"]
+    assert bearer not in seen[0]
 
 
 def test_task_events_show_the_summary_not_the_result(fleet: Fleet) -> None:
