@@ -109,7 +109,7 @@ def _execute(task: Task[Any, Any], raw: Any, run: Runner) -> dict[str, Any]:
 
     outcome = _claim(rt, verified)
     if outcome.status is ClaimStatus.COMPLETED:
-        return _replay_stored(outcome.result)
+        return _replay_stored(rt, outcome.result)
     if outcome.status is ClaimStatus.HELD:  # still held at the deadline: its live holder answers
         raise Ignore()
     if outcome.status is ClaimStatus.MISMATCH:
@@ -208,7 +208,12 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     raise Reject(str(why), requeue=True)
 
 
-def _replay_stored(stored: dict[str, Any]) -> dict[str, Any]:
+def _replay_stored(rt: FleetRuntime, stored: Any) -> dict[str, Any]:
+    """Answer a completed request again with its stored answer, if a worker signed it (someone with Redis access
+    could have replaced the ledger's copy: that is never stored over the genuine result)."""
+    if not isinstance(stored, dict) or not rt.codec.answer_is_authentic(stored):
+        log.warning("the stored answer is not a worker's: not replaying it")
+        raise Ignore()
     if stored.get("message_type") == ERROR_MESSAGE_TYPE:
         raise FleetTaskError(stored)
     return stored

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from provider.protocol import FleetError
-from tests.tasks.conftest import CHAT_MODEL, Fleet
+from tests.tasks.conftest import CHAT_MODEL, Fleet, wait_for
 from tests.tasks.test_bad_input import (  # noqa: F401 (dead_letters is a fixture)
     RESULT_TIMEOUT_S,
     TIMEOUT_S,
@@ -674,3 +674,28 @@ def test_an_alias_from_the_alias_table_resolves_to_the_served_id(fleet: Fleet) -
         aliases.pop("friendly", None)
         rt.registry.unregister([served.offering_id])
         invalidate_route_cache()
+
+
+def test_a_forged_ledger_record_is_never_replayed_over_the_answer(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis access rewrites the ledger's stored answer, then the message comes again (broker redelivery or a
+    copy): the worker does not store the forgery, and the caller still reads the genuine answer."""
+    from tasks import chat
+    from tasks.runtime import runtime
+    from tests.tasks.test_bad_input import build, publish, send_raw
+
+    envelope = build(fleet)
+    rid = envelope["request_id"]
+    answer = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
+    stored = stored_meta(rid)
+    key = runtime().ledger.key(rid)
+    fields: Any = fleet.state.hgetall(key)
+    result_field = next(name for name, value in fields.items() if value.startswith(b"{"))
+    forged = {**forged_response(rid, "forged ledger"), "worker_signature": {"kid": "w1", "sig": "A" * 86}}
+    fleet.state.hset(key, result_field, json.dumps(forged))
+    caplog.set_level(logging.WARNING, logger="tasks.execution")
+    send_raw(envelope)
+    wait_for(lambda: "not replaying it" in caplog.text, RESULT_TIMEOUT_S, "the copy being consumed")
+    assert stored_meta(rid) == stored
+    assert chat.AsyncResult(rid).get(timeout=RESULT_TIMEOUT_S) == answer
