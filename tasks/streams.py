@@ -337,6 +337,7 @@ class StreamCursor:
 
     def __init__(self, position: str) -> None:
         self.entry_id, self.skip = split_position(position)
+        self._position_id = self.entry_id
         self.reread = self.entry_id != _STREAM_START
         self._whole = self.reread and self.skip == 0  # a bare entry id: that entry was read completely
         self.next_seq: int | None = None if self.reread else 0
@@ -357,7 +358,8 @@ class StreamCursor:
                 self._refuse(entry_id, "response_forged")
                 continue
             kind, seq, data = checked
-            first, self.next_seq = self.next_seq is None, self.next_seq if self.next_seq is not None else seq
+            if self.next_seq is None:  # the first genuine entry read after a resume: where the stream stands
+                self.next_seq = seq
             if seq < self.next_seq:
                 self._refuse(entry_id, "stream_duplicate")
                 continue
@@ -365,8 +367,9 @@ class StreamCursor:
                 raise FleetError(f"the stream lost {seq - self.next_seq} entries before {entry_id}", code="stream_gap")
             self.next_seq = seq + 1
             items = decode_entry(kind, data, entry_id)
-            whole, self._whole = first and self._whole, False
-            skip, self.skip = self.skip, 0
+            at_position = entry_id == self._position_id  # what of the entry at the resume position was read
+            whole, skip = at_position and self._whole, self.skip if at_position else 0
+            self._whole, self.skip = False, 0
             if items is None:
                 self.ended = True
                 return
