@@ -21,7 +21,8 @@
     ├── ReplayedError               replayed               a different message reusing a seen ``jti``
     ├── IdempotencyConflictError    idempotency_conflict   same idempotency key, different params
     ├── KeyConfigurationError       key_configuration      keys missing, malformed or of the wrong kind
-    └── FleetError                  (the remote code)      what an error envelope reports, on the producer
+    └── FleetError                  (the remote code)      what an error envelope reports, on the producer;
+                                    response_forged        or: no fleet worker signed this answer for the request
 
 Every code has one umbrella code of the seeds (``umbrella_code``): ``configuration_error`` when the two
 sides are configured differently (keys, versions, contracts), ``policy_error`` when a message is refused,

@@ -699,3 +699,44 @@ def test_a_forged_ledger_record_is_never_replayed_over_the_answer(
     wait_for(lambda: "not replaying it" in caplog.text, RESULT_TIMEOUT_S, "the copy being consumed")
     assert stored_meta(rid) == stored
     assert chat.AsyncResult(rid).get(timeout=RESULT_TIMEOUT_S) == answer
+
+
+# ------------------------------------------------------------------------------ every failure is a FleetError
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [
+        ({"timeout_s": -1}, "malformed"),
+        ({"message_context": {"x": float("nan")}}, "malformed"),
+        ({"caller": ["not", "an", "object"]}, "malformed"),
+        ({"timeout_s": 10_000}, "token_lifetime"),
+    ],
+    ids=["negative-timeout", "nan-context", "caller-list", "too-long"],
+)
+def test_submit_refusals_are_fleet_errors_with_a_code(fleet: Fleet, options: dict[str, Any], code: str) -> None:
+    from tasks import chat
+
+    with pytest.raises(FleetError) as info:
+        chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], **options)
+    assert type(info.value) is FleetError
+    assert info.value.code == code
+
+
+def test_reading_a_stream_from_a_position_that_is_not_one_is_a_fleet_error(fleet: Fleet) -> None:
+    import asyncio
+
+    from tasks import open_stream
+    from tasks.aio import astream
+
+    with pytest.raises(FleetError) as info:
+        list(open_stream("some-request", start_id="1-0/x", timeout_s=1.0))
+    assert info.value.code == "malformed"
+
+    async def read() -> None:
+        async for _ in astream("some-request", start_id="1-0/x", timeout_s=1.0):
+            pass
+
+    with pytest.raises(FleetError) as async_info:
+        asyncio.run(read())
+    assert async_info.value.code == "malformed"
