@@ -740,3 +740,47 @@ def test_reading_a_stream_from_a_position_that_is_not_one_is_a_fleet_error(fleet
     with pytest.raises(FleetError) as async_info:
         asyncio.run(read())
     assert async_info.value.code == "malformed"
+
+
+# ------------------------------------------------------------------------------------------ encryption off
+
+PLAIN_MODEL = "plain-chat"
+
+
+@pytest.mark.slow
+def test_with_encryption_off_answers_are_still_authenticated(fleet: Fleet) -> None:
+    """A real worker process with ``SECURITY__ENCRYPT=false``: its answer (content in clear) opens, while the
+    same answer with forged content, or a forged answer written straight into Redis, is ``response_forged``."""
+    from provider.protocol import EnvelopeCodec
+    from tests.tasks.test_bad_input import chat_params
+    from tests.tasks.test_replay import forget_instance, lane_when_served, settings_for, simulator_for, start_worker
+
+    with simulator_for(PLAIN_MODEL) as sim:
+        settings = settings_for(fleet, sim, "sim-plain", encrypt=False)
+        plain = EnvelopeCodec(settings.security, max_lifetime_s=settings.timeouts.longest_s)
+        worker = start_worker(settings, "plain-worker")
+        try:
+            lane = lane_when_served(PLAIN_MODEL)
+            envelope = plain.build_request(
+                operation="chat",
+                task_name="vllm.chat",
+                lane=lane,
+                model=PLAIN_MODEL,
+                params=chat_params(PLAIN_MODEL, "in the clear"),
+                timeout_s=10.0,
+            )
+            rid = envelope["request_id"]
+            from tests.tasks.test_bad_input import publish
+
+            publish(envelope)
+            wait_for(lambda: stored_meta(rid) is not None, RESULT_TIMEOUT_S, "the worker's answer")
+            answer = json.loads(stored_meta(rid) or b"{}")["result"]
+            assert "sealed_body" not in answer
+            assert plain.open_response(answer, request_id=rid, lane=lane, operation="chat")["content"] == "in the clear"
+            for forged in ({**answer, "content": "forged"}, forged_response(rid, "forged")):
+                with pytest.raises(FleetError) as info:
+                    plain.open_response(forged, request_id=rid, lane=lane, operation="chat")
+                assert info.value.code == "response_forged"
+        finally:
+            worker.process.stop()
+            forget_instance("sim-plain")
