@@ -150,9 +150,8 @@ def test_a_forged_result_stored_before_the_worker_answers_does_not_hide_its_answ
     store_forged(rid, status, forged)
     reply = publish(envelope).get(timeout=RESULT_TIMEOUT_S)
     assert reply["content"] == "hello bad input"
-    stored = stored_meta(envelope["request_id"])
-    assert stored is not None
-    assert b"forged early" not in stored, "the worker's signed answer must replace the forgery"
+    # the producer may read the worker's ledger copy a moment before Celery stores the result
+    wait_for(lambda: b"forged early" not in (stored_meta(rid) or b"forged early"), RESULT_TIMEOUT_S, "the replacement")
 
 
 def test_a_forged_result_stored_after_the_worker_answered_does_not_hide_its_answer(fleet: Fleet) -> None:
