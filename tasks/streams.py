@@ -128,6 +128,11 @@ class EntrySealer:
             "s": signature,
         }
 
+    @property
+    def can_verify(self) -> bool:
+        """Whether this side holds any worker's public key (else no entry can ever be read)."""
+        return bool(self._keyring.response_verify_kids)
+
     def authentic(self, fields: dict[bytes, bytes]) -> tuple[bytes, int, bytes] | None:
         """(kind, sequence number, opened data) of an entry a fleet worker signed for this request; else None."""
         try:
@@ -350,6 +355,10 @@ class StreamCursor:
         """Each item of ``entries`` past the cursor with the position just after it; stops at the stream's end
         (``ended``), and raises ``FleetError`` at a failed one, after the items before it. Entries no worker
         signed for this request, or that repeat one already read, are skipped and counted (``refused``)."""
+        if not sealer.can_verify:
+            raise FleetError(
+                "no worker response keys are configured here (response_verify_keys)", code="key_configuration"
+            )
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             self.entry_id = entry_id
