@@ -209,6 +209,8 @@ class SecuritySettings(BaseModel):
     response_signing_kid: str = "w1"
     response_verify_keys: dict[str, SecretStr] = Field(default_factory=dict)
     response_verify_keys_dir: Path | None = None
+    # A token may live at most its own timeout (plus leeway), and never past this (None: the longest deadline).
+    max_token_lifetime_s: float | None = None
 
 
 class Settings(BaseSettings):

@@ -6,7 +6,7 @@ from celery import Celery
 
 import celeryconfig
 from provider.settings import Settings, get_settings
-from tasks import result_backend
+from tasks import redaction, result_backend, strict_json
 from tasks.queues import control_queues
 
 __all__ = ["app"]
@@ -15,6 +15,8 @@ app = Celery("vllm_fleet")
 app.config_from_object(celeryconfig)
 app.conf.include = ["tasks.fleet"]
 result_backend.install(app.loader)  # one round trip per stored result (see tasks.result_backend)
+redaction.install()  # Celery's success log line and task events show an envelope's ids, never its content
+strict_json.install()  # a message body with a duplicate key never decodes (kombu would keep the last one)
 
 
 def apply_queue_declarations(settings: Settings) -> None:

@@ -11,6 +11,8 @@ a message holds, handling it never raises into the event loop (broker connection
 On Redis anyone with broker access can push an item that is not a kombu message at all onto a lane list; kombu
 then raises in its reader and the worker stops. ``guard_redis_transport`` makes kombu hand such an item over as
 a message of its own content type (``UNDECODABLE_CONTENT_TYPE``), which the consumer dead-letters like the rest.
+It also sets a message's delivery lane to the list kombu actually popped it from: a frame LPUSHed onto one
+lane's list claiming another lane in its own ``delivery_info`` is checked against the lane it really came from.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,6 +46,7 @@ __all__ = [
     "UndecodableReason",
     "fleet_task_names",
     "guard_redis_transport",
+    "redact_reprs",
 ]
 
 log = logging.getLogger("tasks.consumer")
@@ -146,6 +151,7 @@ class FleetConsumer(Consumer):
 
         def on_task_received(message: Any) -> None:
             try:
+                redact_reprs(message)
                 handle(message)
             except Exception as exc:  # any message whatever: never crash the consumer
                 # kombu's Redis transport counts KeyError as a connection error; from a handler it is the message's
@@ -242,6 +248,24 @@ class FleetConsumer(Consumer):
             log.error("could not record the refusal of %s: %s", task_id, type(exc).__name__)
 
 
+# What the fleet's own producers put in ``argsrepr`` (``tasks.producer.envelope_summary``): ids only.
+_SUMMARY = re.compile(r"\(<envelope op=[a-z_]+ request_id=[A-Za-z0-9._:-]+ lane=[A-Za-z0-9._:-]+ model=[^\s<>]*>,\)")
+
+
+def redact_reprs(message: Any) -> None:
+    """Keep the sender's ``argsrepr``/``kwargsrepr`` headers only when they are the fleet's id-only summary.
+
+    Celery shows them in the ``task-received`` event (and Flower), and a Celery client other than the fleet's
+    producer fills them with the arguments themselves: the envelope, contexts in clear."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or ("argsrepr" not in headers and "kwargsrepr" not in headers):
+        return
+    argsrepr = headers.get("argsrepr")
+    if not (isinstance(argsrepr, str) and _SUMMARY.fullmatch(argsrepr)):
+        headers["argsrepr"] = f"(<envelope request_id={_well_formed(headers.get('id')) or '-'}>,)"
+    headers["kwargsrepr"] = "{}"
+
+
 def fleet_task_names(app: Any) -> frozenset[str]:
     """The names of the fleet's own tasks (``FleetTask`` subclasses) registered on ``app``: all a worker runs."""
     from tasks.producer import FleetTask
@@ -250,6 +274,9 @@ def fleet_task_names(app: Any) -> frozenset[str]:
 
 
 # --------------------------------------------------------------------------------------------- Redis transport
+
+
+_popped = threading.local()  # the Redis list kombu is delivering an item from, while it builds the message
 
 
 class _RawItem:
@@ -313,8 +340,33 @@ def guard_redis_transport() -> bool:
                 super().__init__(payload, channel=channel, **kwargs)
             except Exception:  # not a kombu message dict: wrap what was there
                 super().__init__(_undecodable_payload(payload), channel=channel, **kwargs)
+                return
+            lane = getattr(_popped, "queue", None)
+            if lane:  # the lane is the list this came from, whatever the frame's own delivery_info claims
+                info: Any = getattr(self, "delivery_info", None)
+                self.delivery_info = {**(info or {}), "routing_key": lane}
+
+    original_deliver = redis_transport.Transport._deliver
+    original_fanout = redis_transport.Channel._deliver_fanout_message
+
+    def _deliver(self: Any, message: Any, queue: Any) -> Any:
+        """Note the list BRPOP popped this item from (broadcasts, which come by pub/sub, keep their own)."""
+        _popped.queue = None if getattr(_popped, "fanout", False) else queue
+        try:
+            return original_deliver(self, message, queue)
+        finally:
+            _popped.queue = None
+
+    def _deliver_fanout_message(self: Any, message: Any, exchange: Any) -> Any:
+        _popped.fanout = True
+        try:
+            return original_fanout(self, message, exchange)
+        finally:
+            _popped.fanout = False
 
     redis_transport.loads = loads
     redis_transport.Channel.Message = GuardedMessage
+    redis_transport.Transport._deliver = _deliver
+    redis_transport.Channel._deliver_fanout_message = _deliver_fanout_message
     redis_transport._fleet_guarded = True
     return True

@@ -21,6 +21,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from celery.worker import state as worker_state
 from kombu import Queue
+from pydantic import ValidationError
 
 from provider.errors import ProviderError
 from provider.models import ChatRequest, ChatResponse, EmbedRequest
@@ -43,6 +44,7 @@ from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS
 from tasks.queues import dead_letter_queue
+from tasks.redaction import describe_exception
 from tasks.runtime import FleetRuntime, runtime
 from tasks.streams import StreamWriter
 from tasks.worker import HandBack, ServedInstance, worker_fleet
@@ -107,7 +109,7 @@ def _execute(task: Task[Any, Any], raw: Any, run: Runner) -> dict[str, Any]:
 
     outcome = _claim(rt, verified)
     if outcome.status is ClaimStatus.COMPLETED:
-        return _replay_stored(outcome.result)
+        return _replay_stored(rt, outcome.result)
     if outcome.status is ClaimStatus.HELD:  # still held at the deadline: its live holder answers
         raise Ignore()
     if outcome.status is ClaimStatus.MISMATCH:
@@ -124,12 +126,16 @@ def _execute(task: Task[Any, Any], raw: Any, run: Runner) -> dict[str, Any]:
         response = rt.codec.response(verified, body)
     except HandBack as exc:
         _hand_back(task, rt, verified, raw, exc)
-    except Exception as exc:  # every failure becomes a typed error envelope; nothing crashes the worker
-        if not isinstance(exc, (EnvelopeError, ProviderError)):
-            log.exception("unexpected failure serving %s", verified.request_id)
-        elif isinstance(exc, EnvelopeError) and not isinstance(exc, FleetError):
-            count_rejection(exc.code)  # refused after the claim (the deadline), counted like the others
-        envelope = rt.codec.error(verified, exc)
+    except Exception as caught:  # every failure becomes a typed error envelope; nothing crashes the worker
+        failure: Exception = caught
+        if isinstance(caught, ValidationError):  # the params do not make a valid request: say which fields
+            failure = FleetError(f"invalid request: {describe_exception(caught)}", code="invalid_request")
+        elif not isinstance(caught, (EnvelopeError, ProviderError)):
+            # by type and field names only: an exception's text or traceback may quote the prompt
+            log.error("unexpected failure serving %s: %s", verified.request_id, describe_exception(caught))
+        elif isinstance(caught, EnvelopeError) and not isinstance(caught, FleetError):
+            count_rejection(caught.code)  # refused after the claim (the deadline), counted like the others
+        envelope = rt.codec.error(verified, failure)
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
         _observe(verified, started, str(envelope.get("code", "error")), None)
         raise FleetTaskError(envelope) from None
@@ -202,7 +208,12 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     raise Reject(str(why), requeue=True)
 
 
-def _replay_stored(stored: dict[str, Any]) -> dict[str, Any]:
+def _replay_stored(rt: FleetRuntime, stored: Any) -> dict[str, Any]:
+    """Answer a completed request again with its stored answer, if a worker signed it (someone with Redis access
+    could have replaced the ledger's copy: that is never stored over the genuine result)."""
+    if not isinstance(stored, dict) or not rt.codec.answer_is_authentic(stored):
+        log.warning("the stored answer is not a worker's: not replaying it")
+        raise Ignore()
     if stored.get("message_type") == ERROR_MESSAGE_TYPE:
         raise FleetTaskError(stored)
     return stored

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from provider.models import ChatRequest, EmbedRequest
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
-from provider.protocol.errors import RESPONSE_FORGED
+from provider.protocol.errors import RESPONSE_FORGED, EnvelopeError, as_fleet_error
 from tasks.errors import FleetTaskError, error_as_dict
 from tasks.routing import live_instances, pick_lane, pick_management_queue, queue_for
 from tasks.runtime import FleetRuntime, runtime
@@ -252,16 +252,24 @@ class FleetTask(Task):  # type: ignore[type-arg]
         shadow: str | None = None,
         **options: Any,
     ) -> FleetResult | FleetGroupResult:
-        """Publish one signed envelope (or one per instance for a management call to ``all``)."""
-        if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
-            return self._publish(args[0], producer=producer, options=options)
-        if args:
-            raise FleetError(
-                f"{self.name} takes keyword arguments or one envelope",
-                code="invalid_request",
-                retryable=False,
-            )
-        return self.submit(producer=producer, options=options, **(kwargs or {}))
+        """Publish one signed envelope (or one per instance for a management call to ``all``).
+
+        Every refusal is a ``FleetError`` with a code (a protocol refusal keeps its own, e.g. ``token_lifetime``).
+        """
+        try:
+            if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
+                return self._publish(args[0], producer=producer, options=options)
+            if args:
+                raise FleetError(
+                    f"{self.name} takes keyword arguments or one envelope",
+                    code="invalid_request",
+                    retryable=False,
+                )
+            return self.submit(producer=producer, options=options, **(kwargs or {}))
+        except FleetError:
+            raise
+        except EnvelopeError as exc:
+            raise as_fleet_error(exc) from None
 
     def submit(
         self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any

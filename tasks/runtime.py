@@ -60,7 +60,7 @@ class FleetRuntime:
     @cached_property
     def codec(self) -> EnvelopeCodec:
         """Builds, signs, seals and verifies envelopes."""
-        return EnvelopeCodec(self.settings.security)
+        return EnvelopeCodec(self.settings.security, max_lifetime_s=self.settings.timeouts.longest_s)
 
     @cached_property
     def ledger(self) -> JtiLedger:

@@ -141,6 +141,11 @@ class EntrySealer:
             "s": signature,
         }
 
+    @property
+    def can_verify(self) -> bool:
+        """Whether this side holds any worker's public key (else no entry can ever be read)."""
+        return bool(self._keyring.response_verify_kids)
+
     def authentic(self, fields: dict[bytes, bytes]) -> tuple[bytes, int, bytes] | None:
         """(kind, sequence number, opened data) of an entry a fleet worker signed for this request; else None."""
         try:
@@ -350,6 +355,7 @@ class StreamCursor:
 
     def __init__(self, position: str) -> None:
         self.entry_id, self.skip = split_position(position)
+        self._position_id = self.entry_id
         self.reread = self.entry_id != _STREAM_START
         self._whole = self.reread and self.skip == 0  # a bare entry id: that entry was read completely
         self.next_seq: int | None = None if self.reread else 0
@@ -362,6 +368,10 @@ class StreamCursor:
         """Each item of ``entries`` past the cursor with the position just after it; stops at the stream's end
         (``ended``), and raises ``FleetError`` at a failed one, after the items before it. Entries no worker
         signed for this request, or that repeat one already read, are skipped and counted (``refused``)."""
+        if not sealer.can_verify:
+            raise FleetError(
+                "no worker response keys are configured here (response_verify_keys)", code="key_configuration"
+            )
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             self.entry_id = entry_id
@@ -370,7 +380,8 @@ class StreamCursor:
                 self._refuse(entry_id, "response_forged")
                 continue
             kind, seq, data = checked
-            first, self.next_seq = self.next_seq is None, self.next_seq if self.next_seq is not None else seq
+            if self.next_seq is None:  # the first genuine entry read after a resume: where the stream stands
+                self.next_seq = seq
             if seq < self.next_seq:
                 self._refuse(entry_id, "stream_duplicate")
                 continue
@@ -378,8 +389,9 @@ class StreamCursor:
                 raise FleetError(f"the stream lost {seq - self.next_seq} entries before {entry_id}", code="stream_gap")
             self.next_seq = seq + 1
             items = decode_entry(kind, data, entry_id)
-            whole, self._whole = first and self._whole, False
-            skip, self.skip = self.skip, 0
+            at_position = entry_id == self._position_id  # what of the entry at the resume position was read
+            whole, skip = at_position and self._whole, self.skip if at_position else 0
+            self._whole, self.skip = False, 0
             if items is None:
                 self.ended = True
                 return

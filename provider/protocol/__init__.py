@@ -17,7 +17,13 @@ A worker's order (design.md, "Deadlines, delivery, retries and replay")::
 
 from provider.protocol._bench import bench_codec
 from provider.protocol.canonical import CanonicalizationError, canonical_json, sha256_hex, sha256_hex_bytes
-from provider.protocol.codec import DEFAULT_PROVIDER, REPLY_TO_PREFIX, EnvelopeCodec, VerifiedRequest
+from provider.protocol.codec import (
+    DEFAULT_PROVIDER,
+    REPLY_TO_PREFIX,
+    WORKER_SIGNATURE_FIELD,
+    EnvelopeCodec,
+    VerifiedRequest,
+)
 from provider.protocol.envelope import (
     ALLOWED_OPERATIONS,
     ERROR_MESSAGE_TYPE,
@@ -42,6 +48,7 @@ from provider.protocol.errors import (
     CONFIGURATION_ERROR,
     POLICY_ERROR,
     PROVIDER_ERROR,
+    RESPONSE_FORGED,
     ClaimMismatchError,
     DecryptFailedError,
     EncryptionRequiredError,
@@ -57,12 +64,15 @@ from provider.protocol.errors import (
     OperationNotAllowedError,
     PayloadHashMismatchError,
     ReplayedError,
+    TokenLifetimeError,
     TooLargeError,
     UnknownKeyError,
     UnsupportedContractError,
     UnsupportedVersionError,
     WrongAudienceError,
     WrongIssuerError,
+    as_fleet_error,
+    response_forged,
     umbrella_code,
 )
 from provider.protocol.keys import (
@@ -81,6 +91,7 @@ from provider.protocol.ledger import (
     IdemStatus,
     JtiLedger,
 )
+from provider.protocol.records import RecordAuthenticator
 from provider.protocol.sealing import PURPOSE_PARAMS, PURPOSE_RESULT, PURPOSE_STREAM, open_sealed, seal
 
 __all__ = [
@@ -102,8 +113,10 @@ __all__ = [
     "PURPOSE_STREAM",
     "REPLY_TO_PREFIX",
     "REQUEST_MESSAGE_TYPE",
+    "RESPONSE_FORGED",
     "RESPONSE_MESSAGE_TYPE",
     "SEALED_RESPONSE_FIELDS",
+    "WORKER_SIGNATURE_FIELD",
     "CanonicalizationError",
     "ClaimMismatchError",
     "ClaimOutcome",
@@ -131,10 +144,12 @@ __all__ = [
     "Operation",
     "OperationNotAllowedError",
     "PayloadHashMismatchError",
+    "RecordAuthenticator",
     "ReplayedError",
     "RequestEnvelope",
     "ResponseEnvelope",
     "SealedBox",
+    "TokenLifetimeError",
     "TooLargeError",
     "UnknownKeyError",
     "UnsupportedContractError",
@@ -142,6 +157,7 @@ __all__ = [
     "VerifiedRequest",
     "WrongAudienceError",
     "WrongIssuerError",
+    "as_fleet_error",
     "bench_codec",
     "canonical_json",
     "check_legacy_fields",
@@ -149,6 +165,7 @@ __all__ = [
     "generate_keypair",
     "generated_security",
     "open_sealed",
+    "response_forged",
     "seal",
     "sha256_hex",
     "sha256_hex_bytes",

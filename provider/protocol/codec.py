@@ -48,6 +48,7 @@ from provider.protocol.envelope import (
     IDENT_PATTERN,
     LANE_PATTERN,
     MAX_ERROR_MESSAGE_CHARS,
+    MAX_TIMEOUT_S,
     NAME_PATTERN,
     PLAIN_RESPONSE_FIELDS,
     PROTOCOL_VERSION,
@@ -76,6 +77,7 @@ from provider.protocol.errors import (
     NotYetValidError,
     OperationNotAllowedError,
     PayloadHashMismatchError,
+    TokenLifetimeError,
     TooLargeError,
     UnknownKeyError,
     UnsupportedContractError,
@@ -152,6 +154,8 @@ _ERROR_ID_PATTERNS = {
     "routing_key": LANE_PATTERN,
 }
 _EMPTY_OBJECT_HASH = sha256_hex({})
+# Sealed with a response's payload: the caller's contexts may hold secrets (bearer tokens, user ids).
+SEALED_CONTEXT_FIELDS = ("message_context", "trace_context")
 # A worker's signature over an answer covers this prefix and the RFC 8785 form of the envelope without it.
 WORKER_SIGNATURE_FIELD = "worker_signature"
 _ANSWER_SIGNATURE_PREFIX = b"llm.fleet.answer.v2\n"
@@ -428,8 +432,12 @@ class VerifiedRequest:
 class EnvelopeCodec:
     """Signs, seals, verifies and answers envelopes with one ``SecuritySettings`` and its ``KeyRing``."""
 
-    def __init__(self, security: SecuritySettings, keyring: KeyRing | None = None) -> None:
+    def __init__(
+        self, security: SecuritySettings, keyring: KeyRing | None = None, *, max_lifetime_s: float | None = None
+    ) -> None:
         self._security = security
+        # The longest a token may live: the setting, else what the caller (the runtime: the longest deadline) says.
+        self._max_lifetime_s = security.max_token_lifetime_s or max_lifetime_s or MAX_TIMEOUT_S
         self._keys = keyring if keyring is not None else KeyRing.from_settings(security)
         if self._keys.algorithm != security.algorithm:
             raise KeyConfigurationError("the key ring's algorithm differs from the configured one")
@@ -486,6 +494,10 @@ class EnvelopeCodec:
             raise MalformedError("execution_contract and offering_id go together", field="offering_id")
         if not (_is_number(timeout_s) and timeout_s > 0):
             raise MalformedError("timeout_s must be a positive number of seconds", field="timeout_seconds")
+        if timeout_s > self._max_lifetime_s:
+            raise TokenLifetimeError(
+                f"timeout_s is over this fleet's maximum of {self._max_lifetime_s:g} s", field="timeout_seconds"
+            )
         now_s = time.time() if now is None else now
         rid = request_id or uuid.uuid4().hex
         cid = correlation_id or rid
@@ -632,7 +644,7 @@ class EnvelopeCodec:
             if name not in ("sealed_body", WORKER_SIGNATURE_FIELD) and value is not None
         }
         if response.sealed_body is None:
-            if self._encrypt and any(name in plain for name in SEALED_RESPONSE_FIELDS):
+            if self._encrypt and any(name in plain for name in (*SEALED_RESPONSE_FIELDS, *SEALED_CONTEXT_FIELDS)):
                 raise EncryptionRequiredError("the response payload must be sealed", field="sealed_body")
             return plain
         plaintext = open_sealed(
@@ -643,7 +655,7 @@ class EnvelopeCodec:
             lane=response.routing_key or "",
         )
         body = _loads_signed(plaintext, "sealed response body")
-        if not isinstance(body, dict) or not set(body) <= set(SEALED_RESPONSE_FIELDS):
+        if not isinstance(body, dict) or not set(body) <= {*SEALED_RESPONSE_FIELDS, *SEALED_CONTEXT_FIELDS}:
             raise MalformedError("the sealed response body has unexpected fields", field="sealed_body")
         merged = {**plain, **{name: value for name, value in body.items() if value is not None}}
         self._validate(ResponseEnvelope, merged)
@@ -691,6 +703,7 @@ class EnvelopeCodec:
         expires_epoch = parse_expires_at(env.expires_at)
         if abs(claims["exp"] - expires_epoch) > EXP_TOLERANCE_S:
             raise ClaimMismatchError("exp does not match expires_at", field="exp")
+        self._check_lifetime(claims, env.timeout_seconds)
         verified = VerifiedRequest(
             request_id=env.request_id,
             correlation_id=env.correlation_id,
@@ -746,6 +759,11 @@ class EnvelopeCodec:
         payload = {name: body[name] for name in SEALED_RESPONSE_FIELDS if body.get(name) is not None}
         if not include_reasoning:
             payload.pop("reasoning", None)
+        # The caller's contexts come back sealed with the payload (never in clear at rest when encryption is on).
+        for name in SEALED_CONTEXT_FIELDS:
+            context = getattr(verified, name)
+            if context:
+                payload[name] = context
         envelope: dict[str, Any] = {
             "message_type": RESPONSE_MESSAGE_TYPE,
             "protocol_version": PROTOCOL_VERSION,
@@ -910,7 +928,7 @@ class EnvelopeCodec:
             raise InvalidSignatureError("the token signature does not verify", field="signed_token") from None
         except (PyJWTError, ValueError, TypeError):
             raise InvalidSignatureError("the token could not be verified", field="signed_token") from None
-        claims = _loads_signed(decoded["payload"], "token payload")
+        claims = _loads(decoded["payload"], "token payload")  # strict: a duplicate claim is refused
         if not isinstance(claims, dict):
             raise MalformedError("the token claims are not a JSON object", field="signed_token")
         issuer = claims.get("iss")
@@ -935,6 +953,17 @@ class EnvelopeCodec:
             raise MalformedError("token claim 'jti' is missing", field="jti")
         digest = hashlib.sha256(f"{header_b64}.{payload_b64}".encode("ascii")).hexdigest()
         return claims, digest
+
+    def _check_lifetime(self, claims: Mapping[str, Any], timeout_s: float) -> None:
+        """A token lives at most its own timeout (plus leeway), and its timeout is within the fleet's maximum.
+
+        Without this a token signed for ten years would be served for ten years, and its jti record (the replay
+        guard) would have to live as long."""
+        lifetime_s = claims["exp"] - claims["iat"]
+        if lifetime_s > timeout_s + self._leeway_s + EXP_TOLERANCE_S:
+            raise TokenLifetimeError("the token outlives its own timeout", field="exp")
+        if timeout_s > self._max_lifetime_s:
+            raise TokenLifetimeError("the timeout is over this fleet's maximum", field="timeout_seconds")
 
     def _match_claims(self, claims: Mapping[str, Any], env: RequestEnvelope, lane: str | None, task_name: str) -> None:
         """Every scalar claim equals its envelope field; the lane claim the routing key and the queue."""
@@ -1006,8 +1035,6 @@ class EnvelopeCodec:
             "provider_instance": verified.provider_instance,
             "model": verified.model,
             "routing_key": verified.lane,
-            "message_context": verified.message_context,
-            "trace_context": verified.trace_context,
         }
         return {name: value for name, value in ids.items() if value is not None}
 

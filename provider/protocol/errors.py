@@ -14,13 +14,15 @@
     ├── WrongAudienceError          wrong_audience         ``aud`` is not this fleet's workers
     ├── NotYetValidError            not_yet_valid          ``nbf``/``iat`` in the future (beyond leeway)
     ├── ExpiredError                expired                past ``expires_at``/``exp`` (beyond leeway)
+    ├── TokenLifetimeError          token_lifetime         lives past its timeout or the fleet's maximum
     ├── ClaimMismatchError          claim_mismatch         a signed claim differs from envelope, lane, task
     ├── PayloadHashMismatchError    payload_hash_mismatch  the params are not the ones signed
     ├── DecryptFailedError          decrypt_failed         AES-GCM refused (wrong key, tampered, truncated)
     ├── ReplayedError               replayed               a different message reusing a seen ``jti``
     ├── IdempotencyConflictError    idempotency_conflict   same idempotency key, different params
     ├── KeyConfigurationError       key_configuration      keys missing, malformed or of the wrong kind
-    └── FleetError                  (the remote code)      what an error envelope reports, on the producer
+    └── FleetError                  (the remote code)      what an error envelope reports, on the producer;
+                                    response_forged        or: no fleet worker signed this answer for the request
 
 Every code has one umbrella code of the seeds (``umbrella_code``): ``configuration_error`` when the two
 sides are configured differently (keys, versions, contracts), ``policy_error`` when a message is refused,
@@ -54,6 +56,7 @@ __all__ = [
     "OperationNotAllowedError",
     "PayloadHashMismatchError",
     "ReplayedError",
+    "TokenLifetimeError",
     "TooLargeError",
     "UnknownKeyError",
     "UnsupportedContractError",
@@ -186,6 +189,13 @@ class ExpiredError(EnvelopeError):
     default_message = "the request deadline has passed"
 
 
+class TokenLifetimeError(EnvelopeError):
+    """A token that lives longer than its own timeout (plus leeway) or than the fleet's maximum lifetime."""
+
+    code = "token_lifetime"
+    default_message = "the token lives longer than allowed"
+
+
 class ClaimMismatchError(EnvelopeError):
     """A signed claim differs from the envelope, the lane it arrived on, or the task that runs it."""
 
@@ -289,6 +299,7 @@ ERROR_CLASSES: dict[str, type[EnvelopeError]] = {
         WrongAudienceError,
         NotYetValidError,
         ExpiredError,
+        TokenLifetimeError,
         ClaimMismatchError,
         PayloadHashMismatchError,
         DecryptFailedError,

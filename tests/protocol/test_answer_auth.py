@@ -127,3 +127,24 @@ def test_any_single_byte_change_to_a_stored_answer_is_refused(kind: str, data: s
             changed, request_id=request.request_id, lane=LANE, operation="chat"
         )
     assert caught.value.code == "response_forged"
+
+
+def test_worker_keys_rotate_by_kid() -> None:
+    """Producers trusting w1 and w2 open answers of either; once w1 is removed, w1's answers are refused."""
+    request = request_for(worker())
+    old = worker().response(request, BODY)  # signed with w1
+    new_worker = EnvelopeCodec(
+        producer_settings(
+            response_signing_key=SecretStr(keypair("EdDSA", "w2").private),
+            response_signing_kid="w2",
+            response_verify_keys={},
+        )
+    )
+    new = new_worker.response(request, BODY)
+    both = {kid: SecretStr(keypair("EdDSA", kid).public) for kid in ("w1", "w2")}
+    during = EnvelopeCodec(producer_settings(response_signing_key=None, response_verify_keys=both))
+    after = EnvelopeCodec(producer_settings(response_signing_key=None, response_verify_keys={"w2": both["w2"]}))
+    for answer in (old, new):
+        assert during.open_response(answer, request_id=request.request_id)["content"] == "Hello!"
+    assert after.open_response(new, request_id=request.request_id)["content"] == "Hello!"
+    assert refused(after, old, request) == "response_forged"

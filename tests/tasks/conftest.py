@@ -28,8 +28,10 @@ WORKER_CONCURRENCY = 8
 
 
 def fleet_security() -> SecuritySettings:
-    """Fresh Ed25519 signing and AES-256 sealing keys for one session."""
-    return generated_security(kid="test-k1", encryption_kid="test-e1")
+    """Fresh Ed25519 signing (requests, answers) and AES-256 sealing keys for one session; tokens may live two
+    minutes (tests ask for longer timeouts than the session's deadlines)."""
+    security = generated_security(kid="test-k1", encryption_kid="test-e1")
+    return security.model_copy(update={"max_token_lifetime_s": 120.0})
 
 
 def simulator_config() -> SimulatorConfig:

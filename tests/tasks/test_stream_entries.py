@@ -119,3 +119,18 @@ def test_any_single_byte_change_to_a_stored_entry_is_refused(encrypt: bool, data
     byte = data.draw(st.integers(min_value=0, max_value=255).filter(lambda b: b != value[position]))
     changed = {**stored, name: value[:position] + bytes([byte]) + value[position + 1 :]}
     assert sealer.authentic(changed) is None
+
+
+def test_a_reader_without_worker_keys_is_told_so_at_once(client: redis.Redis, key: str) -> None:
+    """A producer configured without the workers' public keys: a typed configuration error, not a long wait."""
+    from provider.settings import SecuritySettings
+
+    writer_ring = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
+    add(client, key, EntrySealer(writer_ring, "req-1"), KIND_DONE, b"{}")
+    sealing = generated_security(kid="t1", encryption_kid="e1")
+    reader_ring = KeyRing.from_settings(
+        SecuritySettings(encryption_keys=sealing.encryption_keys, encryption_kid=sealing.encryption_kid)
+    )
+    with pytest.raises(FleetError) as caught:
+        read(client, key, EntrySealer(reader_ring, "req-1"))
+    assert caught.value.code == "key_configuration"
