@@ -23,9 +23,9 @@ PROMPTS = 8
 def main() -> None:
     """Publish, then report."""
     from bench.fleet import MAX_TOKENS, chat_messages
-    from provider.lanes import shared_lane_key
-    from provider.models import ChatRequest
+    from provider.fleet.lanes import shared_lane_key
     from provider.settings import Settings
+    from provider.vllm.models import ChatRequest
     from tasks import chat, configure
 
     config: dict[str, Any] = json.loads(sys.stdin.readline())

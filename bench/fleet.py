@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.procs import Managed, start_worker
-from provider.models import ChatRequest
 from provider.protocol import generated_security
 from provider.settings import InstanceSettings, LaneSettings, SecuritySettings, Settings, Timeouts
+from provider.vllm.models import ChatRequest
 
 __all__ = [
     "BACKEND_DB",

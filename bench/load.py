@@ -60,9 +60,9 @@ def check_answer(content: Any, completion_tokens: Any, finish_reason: Any, expec
 
 
 def _direct_call(config: dict[str, Any]) -> Callable[[int], tuple[Any, Any, Any]]:
-    from provider.client import VllmClient
-    from provider.models import ChatRequest
     from provider.settings import InstanceSettings
+    from provider.vllm.client import VllmClient
+    from provider.vllm.models import ChatRequest
 
     client = VllmClient(
         InstanceSettings(name="bench-direct", base_url=config["sim_url"], concurrency=config["callers"])

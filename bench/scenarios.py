@@ -46,8 +46,8 @@ from bench.procs import (
     start_worker,
 )
 from bench.stats import gaps_ms, paired_differences, percentile, rate, summarize
-from provider.client import VllmClient
 from provider.settings import InstanceSettings, Settings
+from provider.vllm.client import VllmClient
 from tasks.process_group import default_process_count
 
 __all__ = [
@@ -714,7 +714,7 @@ def measure_relay(broker_url: str, tokens: int, sanity: Sanity) -> dict[str, Any
 
 
 def _direct_stream_long(client: VllmClient, tokens: int) -> tuple[float, list[float], str, Any]:
-    from provider.models import ChatRequest
+    from provider.vllm.models import ChatRequest
 
     request = ChatRequest(model=CHAT_MODEL, messages=chat_messages(1), max_tokens=tokens + 16)
     started = time.perf_counter()
@@ -737,8 +737,8 @@ def _direct_stream_long(client: VllmClient, tokens: int) -> tuple[float, list[fl
 
 
 def measure_codec(seconds: float, rounds: int) -> dict[str, Any]:
-    """``provider.protocol._bench.bench_codec``: sign+seal and verify+open rates beside bare Ed25519 verify."""
-    from provider.protocol._bench import bench_codec
+    """``bench.codec.bench_codec``: sign+seal and verify+open rates beside bare Ed25519 verify."""
+    from bench.codec import bench_codec
 
     raw = bench_codec(seconds=seconds, rounds=rounds)
     figures: dict[str, Any] = {

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from provider.models import StreamChunk
 from provider.protocol import FleetError
+from provider.vllm.models import StreamChunk
 from tasks.app import app
 from tasks.fleet import (
     chat,

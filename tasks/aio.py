@@ -20,8 +20,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from provider.models import StreamChunk
 from provider.protocol import FleetError
+from provider.vllm.models import StreamChunk
 from tasks.producer import FleetResult, FleetTask
 from tasks.runtime import runtime
 from tasks.streams import READ_BATCH, StreamCursor, StreamReset

@@ -25,12 +25,5 @@ def apply_queue_declarations(settings: Settings) -> None:
 
 
 apply_queue_declarations(get_settings())
-
-
-def _install_worker_steps() -> None:
-    from tasks.worker import FleetConsumerStep
-
-    app.steps["consumer"].add(FleetConsumerStep)
-
-
-_install_worker_steps()
+# The worker's bootstep, by name: Celery loads it when a worker starts, so producers never import worker code.
+app.steps["consumer"].add("tasks.worker:FleetConsumerStep")

@@ -154,8 +154,8 @@ def worker_group_argv(name: str, processes: int, loglevel: str = "WARNING") -> l
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from provider.discovery import instances_to_serve, no_instances_reason
     from provider.settings import get_settings
+    from provider.vllm.discovery import instances_to_serve, no_instances_reason
     from tasks.process_group import default_process_count, run_worker_group
 
     settings = get_settings()

@@ -6,7 +6,7 @@
 2. Claim the jti lease: completed → answer with the stored result; held by a live holder → do nothing;
    seen with a different token → refused as a replay; free or abandoned → ours.
 3. Deadline, then idempotency (same key and payload → the first request's result; other payload → conflict).
-4. Call vLLM, retrying transient failures within the deadline (``provider.retry``), never with ``self.retry()``.
+4. Call vLLM, retrying transient failures within the deadline (``provider.vllm.retry``), never with ``self.retry()``.
 5. Store and return the response envelope; any failure becomes an error envelope the caller can read.
 """
 
@@ -23,8 +23,6 @@ from celery.worker import state as worker_state
 from kombu import Queue
 from pydantic import ValidationError
 
-from provider.errors import ProviderError
-from provider.models import ChatRequest, ChatResponse, EmbedRequest
 from provider.protocol import (
     ERROR_MESSAGE_TYPE,
     PLAIN_RESPONSE_FIELDS,
@@ -38,8 +36,10 @@ from provider.protocol import (
     ReplayedError,
     VerifiedRequest,
 )
-from provider.retry import call_with_retries
-from provider.streaming import StreamAccumulator
+from provider.vllm.errors import ProviderError
+from provider.vllm.models import ChatRequest, ChatResponse, EmbedRequest
+from provider.vllm.retry import call_with_retries
+from provider.vllm.streaming import StreamAccumulator
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS

@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from provider.errors import ProviderConfigurationError
 from provider.settings import InstanceSettings
+from provider.vllm.errors import ProviderConfigurationError
 
 __all__ = ["SLOTS_PER_PROCESS", "available_cores", "child_node_name", "default_process_count", "run_worker_group"]
 

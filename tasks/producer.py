@@ -1,6 +1,6 @@
 """The producer API: ``chat.delay(model=..., messages=...)`` builds, routes, signs and publishes one envelope.
 
-Every fleet task's ``apply_async`` takes the request's own keyword arguments (``provider.models.ChatRequest``
+Every fleet task's ``apply_async`` takes the request's own keyword arguments (``provider.vllm.models.ChatRequest``
 fields for chat and stream_chat, ``EmbedRequest`` fields for embed, the call's arguments plus ``instance`` for
 management) and these fleet options, all optional:
 
@@ -30,9 +30,9 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ValidationError
 
-from provider.models import ChatRequest, EmbedRequest
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
 from provider.protocol.errors import RESPONSE_FORGED, EnvelopeError, as_fleet_error
+from provider.vllm.models import ChatRequest, EmbedRequest
 from tasks.errors import FleetTaskError, error_as_dict
 from tasks.routing import live_instances, pick_lane, pick_management_queue, queue_for
 from tasks.runtime import FleetRuntime, runtime

@@ -17,11 +17,11 @@ from typing import Any
 
 from kombu import Queue
 
-from provider.event_bus import AmqpEventReader, read_events
-from provider.lanes import estimate_tokens, needed_context, slug
-from provider.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
+from provider.fleet.lanes import estimate_tokens, needed_context, slug
+from provider.fleet.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
+from provider.fleet.registry import CachedRegistry
 from provider.protocol import FleetError
-from provider.registry import CachedRegistry
+from tasks.event_bus import AmqpEventReader, read_events
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import CONTROL_QUEUE, lane_queue, management_queue_name
 from tasks.runtime import FleetRuntime, runtime

@@ -14,10 +14,10 @@ from typing import Any
 
 from redis import Redis
 
+from provider.fleet.redis_keys import RedisKeys
+from provider.fleet.registry import OfferingRegistry
 from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
 from provider.protocol.records import RecordAuthenticator
-from provider.redis_keys import RedisKeys
-from provider.registry import OfferingRegistry
 from provider.settings import Settings, get_settings
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import broker_is_amqp

@@ -4,7 +4,7 @@ Each entry has a kind ``k`` and JSON data ``d``:
 
 | k | meaning |
 |---|---|
-| ``c`` | a chunk (``provider.models.StreamChunk`` without its null fields) |
+| ``c`` | a chunk (``provider.vllm.models.StreamChunk`` without its null fields) |
 | ``b`` | several chunks in order, a JSON array of them (what the relay had queued for the stream at once) |
 | ``r`` | reset: the worker restarted generation after a retryable failure; chunks before it are superseded |
 | ``d`` | done: the assembled message follows in the task result; the stream ends |
@@ -36,8 +36,8 @@ import redis
 from cryptography.exceptions import InvalidSignature
 from pydantic import TypeAdapter, ValidationError
 
-from provider.models import StreamChunk
 from provider.protocol import PURPOSE_STREAM, EnvelopeError, FleetError, KeyRing, open_sealed, seal
+from provider.vllm.models import StreamChunk
 from tasks.errors import fleet_error_from_envelope
 from tasks.metrics import FORGED_STREAM_ENTRIES
 

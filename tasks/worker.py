@@ -14,6 +14,7 @@ as registry events.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -25,17 +26,17 @@ from typing import Any, TypeVar
 
 from celery import bootsteps
 
-from provider.capacity import CapacityGate
-from provider.client import VllmClient
-from provider.discovery import discover_offerings, instances_to_serve, no_instances_reason
-from provider.errors import ProviderError
-from provider.event_bus import EventBus, events_bus_for
-from provider.events import RegistryEvent, RegistryEventError
-from provider.health import HealthTracker
-from provider.lanes import LaneStyle, parse_lane, slug
-from provider.offerings import Offering
+from provider.fleet.capacity import CapacityGate
+from provider.fleet.events import RegistryEvent, RegistryEventError
+from provider.fleet.health import HealthTracker
+from provider.fleet.lanes import LaneStyle, parse_lane, slug
+from provider.fleet.offerings import Offering
 from provider.protocol import OperationNotAllowedError
 from provider.settings import InstanceSettings
+from provider.vllm.client import VllmClient
+from provider.vllm.discovery import discover_offerings, instances_to_serve, no_instances_reason
+from provider.vllm.errors import ProviderError
+from tasks.event_bus import EventBus, events_bus_for
 from tasks.logs import install
 from tasks.metrics import CIRCUIT_OPEN, CIRCUIT_VALUES, IN_FLIGHT, serve_metrics
 from tasks.queues import dead_letter_queue, management_queue_name
@@ -433,6 +434,9 @@ def worker_fleet() -> WorkerFleet:
     return _fleet
 
 
+WORKER_MODULES = ("tasks.execution", "tasks.management")
+
+
 class FleetConsumerStep(bootsteps.StartStopStep):
     """Consumer bootstep: discover instances and consume exactly their lanes and management queues."""
 
@@ -441,6 +445,8 @@ class FleetConsumerStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         """Start serving: discover, register, add consumers."""
         global _fleet
+        for module in WORKER_MODULES:  # the task bodies' code, loaded now rather than on the first request
+            importlib.import_module(module)
         if _fleet is None:
             rt = runtime()
             _install_logging(rt.settings.log_format == "json")

@@ -15,7 +15,6 @@ A worker's order (design.md, "Deadlines, delivery, retries and replay")::
                  or, handing back before any work, ledger.release(jti, holder)
 """
 
-from provider.protocol._bench import bench_codec
 from provider.protocol.canonical import CanonicalizationError, canonical_json, sha256_hex, sha256_hex_bytes
 from provider.protocol.codec import (
     DEFAULT_PROVIDER,
@@ -158,7 +157,6 @@ __all__ = [
     "WrongAudienceError",
     "WrongIssuerError",
     "as_fleet_error",
-    "bench_codec",
     "canonical_json",
     "check_legacy_fields",
     "generate_encryption_key",

@@ -892,8 +892,8 @@ def test_simulator_serves_the_composed_models(stack: Stack) -> None:
 
 
 def _offerings(stack: Stack) -> dict[str, set[str]]:
-    from provider.redis_keys import RedisKeys
-    from provider.registry import OfferingRegistry
+    from provider.fleet.redis_keys import RedisKeys
+    from provider.fleet.registry import OfferingRegistry
 
     client = redis.Redis.from_url(f"{stack.loop.redis_base}/{STATE_DB}")
     served: dict[str, set[str]] = {}

@@ -191,8 +191,8 @@ def _clean_environ() -> dict[str, str]:
 
 
 def _registered(settings: Settings) -> bool:
-    from provider.redis_keys import RedisKeys
-    from provider.registry import OfferingRegistry
+    from provider.fleet.redis_keys import RedisKeys
+    from provider.fleet.registry import OfferingRegistry
 
     client = redis.Redis.from_url(settings.redis_url)
     return any(o.model == MODEL for o in OfferingRegistry(client, RedisKeys(settings.key_prefix)).all())

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.exceptions import DecodeError
 
-from provider.protocol import bench_codec
+from bench.codec import bench_codec
 from provider.protocol.codec import _StrictJWS
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/=!. "

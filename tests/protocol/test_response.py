@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from provider.errors import ServerBusyError
 from provider.protocol import (
     DecryptFailedError,
     EncryptionRequiredError,
@@ -18,6 +17,7 @@ from provider.protocol import (
     MalformedError,
     VerifiedRequest,
 )
+from provider.vllm.errors import ServerBusyError
 
 from . import LANE, NOW, PARAMS, SECRET_PROMPT, TASK, build, producer
 
@@ -196,7 +196,7 @@ def test_error_message_is_capped() -> None:
 
 def test_error_message_explaining_a_parameter_is_kept() -> None:
     """vLLM's explanation of a bad parameter names fields and values, not the caller's content: it is kept."""
-    from provider.errors import BadRequestError
+    from provider.vllm.errors import BadRequestError
 
     codec = producer()
     request = verified(codec, params={**PARAMS, "temperature": -1, "response_format": {"type": "json_schema"}})

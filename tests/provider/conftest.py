@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from provider import InstanceSettings, VllmClient
+from provider.settings import InstanceSettings
+from provider.vllm import VllmClient
 
 TRANSCRIPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "vllm"
 API_KEY = "test-key-not-secret"

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from provider.offerings import Offering
+from provider.fleet.offerings import Offering
 from provider.protocol import FleetError
 from tests.tasks.conftest import Fleet
 

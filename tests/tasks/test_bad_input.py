@@ -21,9 +21,9 @@ import jwt
 import pytest
 from prometheus_client import REGISTRY
 
-from provider.models import ChatRequest
 from provider.protocol import EnvelopeCodec, FleetError, generate_encryption_key, generate_keypair
 from provider.settings import SecuritySettings
+from provider.vllm.models import ChatRequest
 from tests.tasks.conftest import CHAT_MODEL, SMALL_MODEL, Fleet, wait_for
 
 PROMPT = "hello bad input"

@@ -128,7 +128,7 @@ def test_max_tokens_larger_than_every_window_is_refused_at_submit(fleet: Fleet) 
 def test_a_chat_prefers_the_lane_with_room_for_its_full_max_tokens() -> None:
     """Of two windows of one model, the smallest with room for prompt + max_tokens; when none has room, the
     largest (vLLM shortens max_tokens there); max_tokens over every window is refused."""
-    from provider.offerings import Offering
+    from provider.fleet.offerings import Offering
     from tasks.routing import _fitting_offering
 
     small = Offering(model="m", instance_id="a", capabilities=["chat"], context_window=2048)

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from provider.event_bus import AmqpEventReader, ReceivedEvent, read_events
-from provider.health import HealthTracker
+from provider.fleet.health import HealthTracker
 from provider.protocol import FleetError
 from provider.settings import InstanceSettings, Settings
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
+from tasks.event_bus import AmqpEventReader, ReceivedEvent, read_events
 from tests.tasks.conftest import CHAT_MODEL, Fleet, WorkerProcess, wait_for
 
 PLANTED_KEY = "sk-planted-secret-4242"

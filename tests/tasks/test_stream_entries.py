@@ -14,8 +14,8 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider.models import StreamChunk
 from provider.protocol import FleetError, KeyRing, generated_security
+from provider.vllm.models import StreamChunk
 from tasks.streams import KIND_CHUNK, KIND_CHUNKS, KIND_DONE, EntrySealer, StreamWriter, read_stream
 from tests.conftest import STATE_DB
 
