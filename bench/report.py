@@ -908,6 +908,10 @@ def render_markdown(report: Mapping[str, Any], findings: str = "") -> str:
         f"in {fmt(report.get('duration_s'), 0)} s, from `{report.get('results_file', 'bench/results/latest.json')}`. "
         "Do not edit by hand.",
         "",
+        "`make bench` (a full run, about 15 minutes on 2 cores) rewrites this file and "
+        "`bench/results/latest.json`; `make bench-quick` (CI's, about 4 minutes) writes `.run/bench/quick.md` "
+        "instead. `VFT_BENCH_DBS=a,b,c` moves the three Redis databases a run flushes (default 13,14,15).",
+        "",
         f"Sanity: {fmt(sanity.get('requests'))} requests checked, {fmt(sanity.get('failed'))} failed, "
         f"{fmt(sanity.get('wrong'))} wrong (every answer's content, completion tokens and finish reason).",
         "",
