@@ -166,7 +166,7 @@ def peer_env(broker_url: str, sim_url: str, slots: int) -> dict[str, str]:
 
 
 def _wait_for_peer(peer: Peer, model: str) -> None:
-    """Until every peer process answers a ping, then one warm-up chat per process."""
+    """Until every peer process answers a ping, then two warm-up chats per process."""
     deadline = time.monotonic() + LOAD_READY_TIMEOUT_S
     wanted = set(peer.worker.names)
     while True:
