@@ -10,12 +10,13 @@ It exits non-zero when any request failed or any answer was wrong.
 
 from __future__ import annotations
 
-__all__ = ["QUICK_RESULTS_FILE", "QUICK_TABLE_FILE", "RESULTS_FILE", "TABLE_FILE"]
+__all__ = ["FINDINGS_FILE", "QUICK_RESULTS_FILE", "QUICK_TABLE_FILE", "RESULTS_FILE", "TABLE_FILE"]
 
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = _ROOT / "bench" / "results" / "latest.json"
 TABLE_FILE = _ROOT / "docs" / "benchmarks.md"
+FINDINGS_FILE = _ROOT / "bench" / "findings.md"
 QUICK_RESULTS_FILE = _ROOT / ".run" / "bench" / "quick.json"
 QUICK_TABLE_FILE = _ROOT / ".run" / "bench" / "quick.md"

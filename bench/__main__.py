@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import QUICK_RESULTS_FILE, QUICK_TABLE_FILE, RESULTS_FILE, TABLE_FILE
+from bench import FINDINGS_FILE, QUICK_RESULTS_FILE, QUICK_TABLE_FILE, RESULTS_FILE, TABLE_FILE
 from bench.fleet import BACKEND_DB, BROKER_DB, REDIS_BASE, STATE_DB, VHOST
 from bench.procs import flush_redis, install_signal_handlers, rabbit_vhost, stop_all
 from bench.profile import profile_worker
@@ -253,7 +253,8 @@ def write(report: dict[str, Any], results_file: Path = RESULTS_FILE, table_file:
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     table_file.parent.mkdir(parents=True, exist_ok=True)
-    table_file.write_text(render_markdown(report))
+    findings = FINDINGS_FILE.read_text() if FINDINGS_FILE.exists() else ""
+    table_file.write_text(render_markdown(report, findings))
 
 
 def main(argv: list[str] | None = None) -> int:

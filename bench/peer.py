@@ -113,12 +113,14 @@ def new_stream_key() -> str:
 
 def read_stream(store: redis.Redis, stream_key: str) -> Iterator[dict[str, Any]]:
     """Each chunk the peer task appended to ``stream_key``, as parsed JSON, until ``[DONE]``."""
-    last = "0-0"
+    last: Any = "0-0"
     while True:
-        answer = store.xread({stream_key: last}, block=READ_BLOCK_MS)
+        answer: Any = store.xread({stream_key: last}, block=READ_BLOCK_MS)
         if not answer:
             raise TimeoutError(f"no chunk on {stream_key} for {READ_BLOCK_MS} ms")
-        for entry_id, fields in answer[0][1]:
+        # RESP2 answers [[key, entries]]; RESP3 {key: [entries]}
+        entries = answer[0][1] if isinstance(answer, list) else next(iter(answer.values()))[0]
+        for entry_id, fields in entries:
             last = entry_id
             data = fields[b"d"]
             if data == b"[DONE]":

@@ -615,6 +615,8 @@ def _throughput_section(results: Mapping[str, Any]) -> list[str]:
                     fmt(_get(level, "ratio")),
                     _pcts(peer.get("latency_ms"), ("p50", "p99")),
                     _pcts(fleet.get("latency_ms"), ("p50", "p99")),
+                    _pair(_get(peer, "cpu_per_request_ms", "worker"), _get(peer, "cpu_per_request_ms", "caller")),
+                    _pair(_get(fleet, "cpu_per_request_ms", "worker"), _get(fleet, "cpu_per_request_ms", "caller")),
                     _cores(direct.get("cpu_cores")),
                     _cores(peer.get("cpu_cores")),
                     _cores(fleet.get("cpu_cores")),
@@ -633,6 +635,8 @@ def _throughput_section(results: Mapping[str, Any]) -> list[str]:
         "fleet/direct",
         "peer latency p50/p99 ms",
         "fleet latency p50/p99 ms",
+        "peer worker / caller CPU ms/req",
+        "fleet worker / caller CPU ms/req",
         "CPU cores, direct run",
         "CPU cores, peer run",
         "CPU cores, fleet run",
@@ -778,6 +782,19 @@ def _backlog_section(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def area_costs(profile: Mapping[str, Any]) -> dict[str, float]:
+    """Worker CPU ms per request in each area: its share of on-CPU samples times the CPU per request."""
+    cpu = _get(profile, "worker_cpu_per_request_ms")
+    shares = (profile.get("worker_areas") or {}).get("shares") or {}
+    if cpu is None:
+        return {}
+    return {area: share / 100.0 * cpu for area, share in shares.items()}
+
+
+def _share(share: float | None, cost: float | None) -> str:
+    return "—" if share is None else f"{share:.1f}% ({fmt(cost)})"
+
+
 def _profile_section(report: Mapping[str, Any]) -> list[str]:
     profile = report.get("profile")
     if not profile:
@@ -812,18 +829,32 @@ def _profile_section(report: Mapping[str, Any]) -> list[str]:
                 fmt((peer_commands.get("total_per_request") or {}).get(who)),
             ]
         )
+    fleet_ms = area_costs(profile)
+    peer_ms = area_costs(peer)
     fleet_areas = (profile.get("worker_areas") or {}).get("shares") or {}
     peer_areas = (peer.get("worker_areas") or {}).get("shares") or {}
     for area in dict.fromkeys([*fleet_areas, *peer_areas]):
-        fleet_share, peer_share = fleet_areas.get(area), peer_areas.get(area)
         rows.append(
             [
-                f"worker samples in {area}",
-                "—" if fleet_share is None else f"{fleet_share:.1f}%",
-                "—" if peer_share is None else f"{peer_share:.1f}%",
+                f"worker: {area}, share (ms per request)",
+                _share(fleet_areas.get(area), fleet_ms.get(area)),
+                _share(peer_areas.get(area), peer_ms.get(area)),
             ]
         )
     lines += [*_table(["", "fleet", "plain Celery task"], rows), ""]
+    differences = sorted(
+        ((area, fleet_ms.get(area, 0.0) - peer_ms.get(area, 0.0)) for area in dict.fromkeys([*fleet_ms, *peer_ms])),
+        key=lambda item: -item[1],
+    )
+    extra = [f"{area} {delta:+.2f} ms" for area, delta in differences if abs(delta) >= 0.05]
+    if fleet_ms and peer_ms and extra:
+        total = sum(fleet_ms.values()) - sum(peer_ms.values())
+        lines += [
+            f"Per request the fleet's worker spends {total:+.2f} ms of CPU against the peer's, by area: "
+            + ", ".join(extra)
+            + ".",
+            "",
+        ]
     for label, commands in (("fleet", fleet_commands), ("plain Celery task", peer_commands)):
         if not commands.get("by_process"):
             continue
@@ -865,8 +896,9 @@ def _notes_section(report: Mapping[str, Any]) -> list[str]:
     return ["## Notes", "", *[f"- {note}" for note in notes], ""]
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """The whole ``docs/benchmarks.md`` from one benchmark JSON document."""
+def render_markdown(report: Mapping[str, Any], findings: str = "") -> str:
+    """The whole ``docs/benchmarks.md`` from one benchmark JSON document (and ``findings``, the hand-written
+    notes of ``bench/findings.md``, placed after what limits the highest N)."""
     results = report.get("results", {})
     sanity = report.get("sanity", {})
     lines = [
@@ -876,18 +908,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"in {fmt(report.get('duration_s'), 0)} s, from `{report.get('results_file', 'bench/results/latest.json')}`. "
         "Do not edit by hand.",
         "",
+        "`make bench` (a full run, about 15 minutes on 2 cores) rewrites this file and "
+        "`bench/results/latest.json`; `make bench-quick` (CI's, about 4 minutes) writes `.run/bench/quick.md` "
+        "instead. `VFT_BENCH_DBS=a,b,c` moves the three Redis databases a run flushes (default 13,14,15).",
+        "",
         f"Sanity: {fmt(sanity.get('requests'))} requests checked, {fmt(sanity.get('failed'))} failed, "
         f"{fmt(sanity.get('wrong'))} wrong (every answer's content, completion tokens and finish reason).",
         "",
-        "Everything runs on this one machine, on loopback: the simulator (`vllm-sim`), one Celery worker "
-        "(`-P threads`), the load generators, Redis and RabbitMQ share its cores. *Direct* is the provider "
-        "client straight to the same simulator, in the same run. Envelopes are signed (Ed25519) and encrypted "
-        "(AES-256-GCM), the defaults. CPU figures are cores busy (1.00 = one core all the time); *other* is "
-        "CPU used by processes outside the benchmark, which disturbs the figures when it is high.",
+        "Everything runs on this one machine, on loopback: the simulator (`vllm-sim`), the Celery workers "
+        "(`-P threads`; the fleet's, or the plain Celery task's), the load generators, Redis and RabbitMQ share "
+        "its cores. *Direct* is the provider client straight to the same simulator, in the same run. Envelopes "
+        "are signed (Ed25519) and encrypted (AES-256-GCM), the defaults. CPU figures are cores busy (1.00 = one "
+        "core all the time); *other* is CPU used by processes outside the benchmark, which disturbs the figures "
+        "when it is high.",
         "",
     ]
     lines += _peer_section(report)
     lines += _limits_section(report)
+    if findings.strip():
+        lines += [findings.strip(), ""]
     lines += _machine_section(report)
     lines += _targets_section(report)
     lines += _overhead_section(results)

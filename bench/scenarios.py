@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from bench.fleet import (
     BACKEND_DB,
     MAX_TOKENS,
@@ -168,7 +166,7 @@ def peer_env(broker_url: str, sim_url: str, slots: int) -> dict[str, str]:
 
 
 def _wait_for_peer(peer: Peer, model: str) -> None:
-    """Until every peer process answers a ping, then one warm-up chat per process."""
+    """Until every peer process answers a ping, then two warm-up chats per process."""
     deadline = time.monotonic() + LOAD_READY_TIMEOUT_S
     wanted = set(peer.worker.names)
     while True:
@@ -349,7 +347,7 @@ def _meter(
 def worker_processes_for(callers: int) -> int:
     """Worker processes for ``callers`` in flight: ``vllm-fleet worker``'s default for an instance of that
     concurrency on this machine (``tasks.process_group.default_process_count``)."""
-    return default_process_count([callers], psutil.cpu_count() or 1)
+    return default_process_count([callers])
 
 
 def _run_load(

@@ -13,18 +13,27 @@ Without ``--processes`` (or ``WORKER_PROCESSES``) the worker sizes the group its
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from provider.settings import InstanceSettings
 from provider.vllm.errors import ProviderConfigurationError
 
-__all__ = ["SLOTS_PER_PROCESS", "available_cores", "child_node_name", "default_process_count", "run_worker_group"]
+__all__ = [
+    "SLOTS_PER_PROCESS",
+    "available_cores",
+    "cgroup_cpu_limit",
+    "child_node_name",
+    "default_process_count",
+    "run_worker_group",
+]
 
 _POLL_S = 0.2
 # Requests in flight one process keeps up with before its one core runs out (measured on 2 cores, TTFT 100 ms,
@@ -39,12 +48,30 @@ def child_node_name(hostname: str | None, index: int) -> str:
     return f"{node}-{index}@{host or '%h'}"
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells it, else every core)."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """Whole cores a cgroup v2 CPU quota allows (``docker run --cpus``, Kubernetes limits), rounded up; None
+    without a quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity (where the OS tells it, else every core), capped by a
+    container's CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, limit) if limit else cores)
 
 
 def default_process_count(concurrencies: Sequence[int], cores: int | None = None) -> int:

@@ -42,6 +42,7 @@ import pytest
 import redis
 import yaml
 
+from tasks.process_group import default_process_count
 from tests.conftest import (
     BACKEND_DB,
     BROKER_DB,
@@ -906,8 +907,9 @@ def test_workers_register_and_consume_their_lane_groups(stack: Stack) -> None:
     expected = {"sim-chat": {CHAT_MODEL}, "sim-embed": {EMBED_MODEL}, "gpu-1": {CHAT_MODEL, EMBED_MODEL}}
     wait_until(lambda: _offerings(stack) == expected, "every worker registering its offerings", stack)
     host = socket.gethostname()
-    # The gpu worker (64 slots) may run as a process group sized from the cores: nodes gpu-1@, gpu-2@, ...
-    wanted = {f"{group}@{host}" for group in ("chat", "embed")}
+    gpu_processes = default_process_count([64])  # VLLM_CONCURRENCY's default: one process per core here
+    gpu_nodes = {f"gpu@{host}"} if gpu_processes == 1 else {f"gpu-{i}@{host}" for i in range(1, gpu_processes + 1)}
+    wanted = {f"chat@{host}", f"embed@{host}", *gpu_nodes}
 
     def consumed() -> dict[str, set[str]]:
         answer = stack.loop.run("worker-chat", ["celery", "-A", "tasks.app", "inspect", "active_queues", "-j"])
@@ -916,19 +918,16 @@ def test_workers_register_and_consume_their_lane_groups(stack: Stack) -> None:
 
     lanes: dict[str, set[str]] = {}
 
-    def gpu_nodes() -> list[str]:
-        return [node for node in lanes if node == f"gpu@{host}" or re.fullmatch(rf"gpu-\d+@{host}", node)]
-
     def all_lanes() -> bool:
         lanes.update(consumed())
         inference = [lane for lane in lanes.get(f"chat@{host}", set()) if lane.startswith("llm.fleet.inference.")]
         embeds = [lane for lane in lanes.get(f"embed@{host}", set()) if lane.startswith("llm.fleet.embed.")]
-        return set(lanes) >= wanted and bool(gpu_nodes()) and bool(inference) and bool(embeds)
+        return set(lanes) >= wanted and bool(inference) and bool(embeds)
 
     wait_until(all_lanes, "every worker consuming its lanes", stack)
     assert not any(lane.startswith("llm.fleet.embed.") for lane in lanes[f"chat@{host}"])
     assert not any(lane.startswith("llm.fleet.inference.") for lane in lanes[f"embed@{host}"])
-    for node in gpu_nodes():
+    for node in gpu_nodes:
         assert any(lane.startswith("llm.fleet.inference.") for lane in lanes[node])
 
 
@@ -969,9 +968,12 @@ def test_every_healthcheck_passes_here(stack: Stack) -> None:
     host = socket.gethostname()
     wait_until(lambda: len(_offerings(stack)) == 3, "the workers registering", stack)
     wait_until(lambda: _answers(stack.url("flower", 5555) + "/healthcheck"), "flower answering", stack)
-    probed = ("simulator", "worker-chat", "flower", "rabbitmq")  # the workers share one healthcheck
+    # The workers share one healthcheck: worker-gpu's instance (64 slots) makes it a group of processes here.
+    probed = ("simulator", "worker-chat", "worker-gpu", "flower", "rabbitmq")
     with ThreadPoolExecutor(len(probed)) as pool:
         results = dict(zip(probed, pool.map(stack.loop.healthcheck, probed), strict=True))
     for name, result in results.items():
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
     assert f"chat@{host}" in results["worker-chat"].stdout
+    gpu_node = f"gpu@{host}" if default_process_count([64]) == 1 else f"gpu-1@{host}"
+    assert gpu_node in results["worker-gpu"].stdout

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,13 @@ from provider.settings import InstanceSettings, Settings
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
 from tasks.cli import worker_group_argv
-from tasks.process_group import SLOTS_PER_PROCESS, child_node_name, default_process_count
+from tasks.process_group import (
+    SLOTS_PER_PROCESS,
+    available_cores,
+    cgroup_cpu_limit,
+    child_node_name,
+    default_process_count,
+)
 from tests.tasks.conftest import Fleet, wait_for
 
 GROUP_MODEL = "group-chat"
@@ -108,6 +115,18 @@ def test_the_default_process_count_follows_the_slots_and_the_cores(
 ) -> None:
     assert SLOTS_PER_PROCESS == 32
     assert default_process_count(concurrencies, cores) == processes
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [("150000 100000\n", 2), ("100000 100000\n", 1), ("50000 100000\n", 1), ("max 100000\n", None)],
+)
+def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path, cpu_max: str, cores: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert cgroup_cpu_limit(path) == cores
+    assert cgroup_cpu_limit(tmp_path / "missing") is None
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
 
 
 def test_a_worker_without_processes_sizes_its_group_from_the_cores_and_the_slots(
