@@ -11,6 +11,14 @@ a message holds, handling it never raises into the event loop (broker connection
 On Redis anyone with broker access can push an item that is not a kombu message at all onto a lane list; kombu
 then raises in its reader and the worker stops. ``guard_redis_transport`` makes kombu hand such an item over as
 a message of its own content type (``UNDECODABLE_CONTENT_TYPE``), which the consumer dead-letters like the rest.
+
+It also keeps a broker drop from stopping the worker: when the Redis broker goes away, Celery closes the
+connection (kombu detaches its transport) and reconnects, while tasks started before the drop still run on
+their threads. When one finishes, it acks its message on the old channel, which then builds a connection pool
+from the detached transport and raised ``AttributeError`` (not a connection error), which Celery treats as
+unrecoverable: the worker exited. Guarded, that ack fails as a broker connection error, which Celery logs; the
+message stays unacked on the broker and comes back after the visibility timeout, where the jti ledger answers
+it with the stored result (it never runs twice).
 """
 
 from __future__ import annotations
@@ -296,7 +304,16 @@ def guard_redis_transport() -> bool:
             except Exception:  # not a kombu message dict: wrap what was there
                 super().__init__(_undecodable_payload(payload), channel=channel, **kwargs)
 
+    original_connparams = redis_transport.Channel._connparams
+    connection_error = redis_transport.get_redis_ConnectionError()
+
+    def connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.connection, "client", None) is None:  # the connection was closed: a late ack or reject
+            raise connection_error("the broker connection of this channel was closed")
+        return original_connparams(self, *args, **kwargs)
+
     redis_transport.loads = loads
     redis_transport.Channel.Message = GuardedMessage
+    redis_transport.Channel._connparams = connparams
     redis_transport._fleet_guarded = True
     return True
