@@ -226,6 +226,9 @@ class Settings(BaseSettings):
     model_cache_ttl_s: float = MODEL_DETAIL_CACHE_TTL_S
     circuit_failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD
     circuit_half_open_after_s: float = CIRCUIT_HALF_OPEN_AFTER_S
+    # The half-open probe goes only to a request with this much time left (one about to expire would time out
+    # and reopen the circuit whatever the instance's health).
+    circuit_probe_min_time_left_s: float = Field(default=5.0, ge=0)
     retry_base_delay_s: float = 0.2
     retry_max_delay_s: float = 5.0
     timeouts: Timeouts = Field(default_factory=Timeouts)

@@ -238,8 +238,18 @@ def _run_on_instance(verified: VerifiedRequest, run: Runner) -> dict[str, Any]:
 
 def _retrying(rt: FleetRuntime, verified: VerifiedRequest, served: ServedInstance, call: Callable[[float], Any]) -> Any:
     settings = rt.settings
+    failed_before = False
+
+    def attempt(time_left_s: float) -> Any:
+        nonlocal failed_before
+        try:
+            return served.guarded(call, time_left_s, count_failure=not failed_before)
+        except ProviderError as exc:
+            failed_before = failed_before or exc.retryable
+            raise
+
     return call_with_retries(
-        lambda time_left_s: served.guarded(call, time_left_s),
+        attempt,
         deadline=verified.expires_at_epoch,
         base_delay_s=settings.retry_base_delay_s,
         max_delay_s=settings.retry_max_delay_s,

@@ -91,9 +91,13 @@ class ServedInstance:
             finally:
                 gauge.dec()
 
-    def guarded(self, call: Callable[[float], _T], time_left_s: float) -> _T:
-        """Run one call through the instance's circuit breaker; an open circuit hands the work back."""
-        if not self._known_healthy and not self.health.allow(self.name):
+    def guarded(self, call: Callable[[float], _T], time_left_s: float, *, count_failure: bool = True) -> _T:
+        """Run one call through the instance's circuit breaker; an open circuit hands the work back.
+
+        ``count_failure=False`` (a retry of a request whose earlier attempt already failed) does not count a
+        failure again: the circuit counts failing requests, not attempts, so one request's retries never open it.
+        """
+        if not self._known_healthy and not self.health.allow(self.name, time_left_s):
             raise HandBack(f"the circuit of instance {self.name} is open")
         started = time.monotonic()
         try:
@@ -103,7 +107,11 @@ class ServedInstance:
                 self._succeeded(time.monotonic() - started)
                 raise
             self._known_healthy = False
-            if self.health.record_failure(self.name, exc.code) == "open":
+            if count_failure:
+                circuit = self.health.record_failure(self.name, exc.code)
+            else:
+                circuit = self.health.state(self.name).circuit
+            if circuit == "open":
                 raise HandBack(f"instance {self.name} failed {exc.code}; its circuit opened") from exc
             raise
         self._succeeded(time.monotonic() - started)

@@ -267,6 +267,7 @@ def simulator_config(**overrides: Any) -> SimulatorConfig:
 def fault_settings(
     *,
     broker_url: str,
+    backend_url: str,
     state_url: str,
     prefix: str,
     security: SecuritySettings,
@@ -277,7 +278,7 @@ def fault_settings(
     """Fleet settings for a fault scenario: the defaults that matter for recovery, short heartbeats."""
     values: dict[str, Any] = {
         "broker_url": broker_url,
-        "result_backend": state_url.rsplit("/", 1)[0] + "/" + str(int(state_url.rsplit("/", 1)[1]) - 1),
+        "result_backend": backend_url,
         "redis_url": state_url,
         "key_prefix": prefix,
         "instances": {
@@ -395,7 +396,7 @@ def collect(
         except FleetError as exc:
             tally.errors[exc.code] += 1
             continue
-        except Exception as exc:  # noqa: BLE001 - a raw error is a defect: count it under its type
+        except Exception as exc:
             tally.errors[f"untyped:{type(exc).__name__}"] += 1
             continue
         tally.ok += 1
