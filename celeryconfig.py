@@ -12,6 +12,7 @@ from beat_schedule import build_beat_schedule
 from provider.settings import Settings, get_settings
 
 _BROKER_MARGIN_S = 60.0
+DEFAULT_REDIS_VISIBILITY_TIMEOUT_S = 5.0
 _MANAGEMENT_THREADS = 2
 
 
@@ -23,10 +24,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
     if is_amqp:
         transport_options["confirm_publish"] = True
     else:
-        # Unacked messages come back after this long: it must exceed the longest request deadline
-        # (a shorter one, for tests, relies on the jti lease to keep a running request from running twice).
-        visibility_s = settings.redis_visibility_timeout_s or longest_s + _BROKER_MARGIN_S
-        transport_options["visibility_timeout"] = int(visibility_s)
+        # Unacked messages come back after this long. Workers touch the messages they hold (reserved or running)
+        # every third of it (``tasks.worker.VisibilityKeeper``), so only a dead worker's messages come back, within
+        # the deadlines; a copy of a message still running meets its live lease and never runs twice.
+        visibility_s = settings.redis_visibility_timeout_s or DEFAULT_REDIS_VISIBILITY_TIMEOUT_S
+        transport_options["visibility_timeout"] = max(1, int(visibility_s))
         transport_options["unacked_restore_interval"] = max(1, min(10, int(visibility_s / 4)))
         transport_options["unacked_restore_throttle"] = 1
     return {

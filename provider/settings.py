@@ -243,6 +243,12 @@ class Settings(BaseSettings):
     send_sent_events: bool = False
     metrics_port: int | None = None
     lease_s: float = Field(default=15.0, gt=0)
+    # A worker's heartbeat lives this long without renewal (renewed every quarter of it): a redelivered request
+    # whose lease holder has no heartbeat takes the lease over at once, instead of waiting out ``lease_s``.
+    holder_ttl_s: float = Field(default=4.0, gt=0)
+    # Redis broker: a message unacked this long is given to another worker. Workers keep touching the messages
+    # they hold (every third of this), so only a dead worker's messages come back: short, so that recovery fits
+    # inside the deadlines. None: DEFAULT_REDIS_VISIBILITY_TIMEOUT_S.
     redis_visibility_timeout_s: float | None = None
     # ``Settings.to_env`` writes None as "null": read it back as None (worker processes start from to_env).
     pause_when_waiting_over: int | None = Field(default=None, ge=0)

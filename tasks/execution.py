@@ -153,6 +153,8 @@ def _claim(rt: FleetRuntime, verified: VerifiedRequest) -> ClaimOutcome:
 
     A copy delivered while the first is still running (or right after its worker died) must neither run the
     work twice nor be dropped: it answers with the first one's result, or takes over an abandoned lease.
+    A holder without a heartbeat is dead: its lease is taken over at once, so recovery never waits out a lease
+    longer than the request's deadline.
     """
     security = rt.settings.security
     memory_s = max(security.replay_memory_s, verified.time_left_s() + security.leeway_s)
@@ -160,6 +162,10 @@ def _claim(rt: FleetRuntime, verified: VerifiedRequest) -> ClaimOutcome:
         outcome = rt.ledger.claim(verified.request_id, verified.token_digest, rt.holder, memory_s=memory_s)
         if outcome.status is not ClaimStatus.HELD or verified.time_left_s() <= 0:
             return outcome
+        held_by = outcome.holder or ""
+        if held_by != rt.holder and rt.ledger.take_over_if_dead(verified.request_id, held_by, rt.holder):
+            log.warning("took over the lease of %s from a dead worker", verified.request_id)
+            return ClaimOutcome(ClaimStatus.TAKEN, holder=rt.holder, lease_left_s=rt.settings.lease_s)
         time.sleep(min(_HELD_POLL_S, max(0.01, outcome.lease_left_s or _HELD_POLL_S)))
 
 

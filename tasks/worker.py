@@ -45,6 +45,7 @@ __all__ = ["FleetConsumerStep", "HandBack", "ServedInstance", "WorkerFleet", "wo
 
 log = logging.getLogger("tasks.worker")
 _T = TypeVar("_T")
+_UNACKED_INDEX_KEY = "unacked_index"  # kombu's Redis transport default (transport option unacked_index_key)
 _LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
 _FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
 
@@ -179,6 +180,31 @@ class LeaseKeeper:
         for jti in held:
             self._rt.ledger.renew(jti, self._rt.holder)
 
+    def heartbeat(self) -> None:
+        """Say this worker process is alive (a redelivered copy of its work waits for it while it is)."""
+        self._rt.ledger.heartbeat(self._rt.holder, self._rt.settings.holder_ttl_s)
+
+
+def touch_held_messages(rt: FleetRuntime) -> int:
+    """Redis broker: mark the messages this worker holds (reserved or running) as just delivered.
+
+    kombu gives an unacked message to another worker once it is older than the visibility timeout; touching
+    them keeps a live worker's messages, so that timeout can be short and only a dead worker's messages come
+    back. ``ZADD XX`` never re-adds a message kombu already restored or that was acked.
+    """
+    from celery.worker import state as worker_state
+
+    held = (*worker_state.reserved_requests, *worker_state.active_requests)
+    tags = {str(tag): time.time() for request in held if (tag := _delivery_tag(request)) is not None}
+    if tags:
+        rt.broker_redis.zadd(_UNACKED_INDEX_KEY, tags, xx=True)
+    return len(tags)
+
+
+def _delivery_tag(request: Any) -> object | None:
+    message = getattr(request, "message", None)
+    return getattr(message, "delivery_tag", None)
+
 
 class WorkerFleet:
     """The instances of this worker process and the lanes they serve."""
@@ -216,18 +242,39 @@ class WorkerFleet:
         if self.instances:
             with ThreadPoolExecutor(max_workers=len(self.instances), thread_name_prefix="fleet-discovery") as pool:
                 list(pool.map(self.refresh, list(self.instances)))
+        self.leases.heartbeat()
         for target, name in ((self._beat, "fleet-heartbeat"), (self._renew_leases, "fleet-leases")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if not self.rt.amqp:
+            threading.Thread(target=self._touch_messages, name="fleet-visibility", daemon=True).start()
         threading.Thread(target=self._watch_capacity, name="fleet-capacity", daemon=True).start()
         return self.queues()
 
     def _renew_leases(self) -> None:
-        interval = max(0.05, self.rt.settings.lease_s / 3)
+        """Heartbeat every quarter of ``holder_ttl_s``; renew the leases every third of ``lease_s``."""
+        settings = self.rt.settings
+        interval = max(0.05, min(settings.lease_s / 3, settings.holder_ttl_s / 4))
+        renew_every = max(1, round(settings.lease_s / 3 / interval))
+        rounds = 0
         while not self._stop.wait(interval):
+            rounds += 1
             try:
-                self.leases.renew_all()
+                self.leases.heartbeat()
+                if rounds % renew_every == 0:
+                    self.leases.renew_all()
             except Exception:  # a renewal round must never kill the worker
                 log.exception("lease renewal failed")
+
+    def _touch_messages(self) -> None:
+        """Redis broker: keep this worker's unacked messages from coming back while it is alive."""
+        from celery import current_app
+
+        visibility_s = float(current_app.conf.broker_transport_options.get("visibility_timeout") or 5)
+        while not self._stop.wait(max(0.2, visibility_s / 3)):
+            try:
+                touch_held_messages(self.rt)
+            except Exception:  # the broker may be down: the worker reconnects by itself
+                log.warning("could not touch held messages", exc_info=True)
 
     def refresh(self, name: str) -> list[Offering]:
         """Re-read one instance's models and rewrite its offerings; publish what changed.

@@ -183,6 +183,8 @@ class CountingSimulator(_Controlled):
         self.config_at_start = config
         self.inner = create_app(config)
         self.received: Counter[str] = Counter()
+        self.completed: Counter[str] = Counter()
+        self.receipts: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -207,7 +209,14 @@ class CountingSimulator(_Controlled):
             key = "?"
         with self._lock:
             self.received[key] += 1
+            self.receipts.setdefault(key, []).append(time.monotonic())
         sent = False
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            await send(message)
+            if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                with self._lock:
+                    self.completed[key] += 1
 
         async def replay() -> dict[str, Any]:
             nonlocal sent
@@ -216,7 +225,7 @@ class CountingSimulator(_Controlled):
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.inner(scope, replay, send)
+        await self.inner(scope, replay, counting_send)
 
     def start(self) -> None:
         config = uvicorn.Config(
@@ -243,6 +252,35 @@ class CountingSimulator(_Controlled):
                 self._server.force_exit = True
                 self._thread.join(5)
         self._server = self._thread = None
+
+    def _of(self, prompts: list[str]) -> list[list[float]]:
+        keys = {json.dumps([{"role": "user", "content": p}], sort_keys=True) for p in prompts}
+        return [times for key, times in self.receipts.items() if key in keys]
+
+    def duplicated(self, prompts: list[str], *, killed_at: float | None = None) -> int:
+        """Requests the simulator ran more than once on live workers.
+
+        Without ``killed_at``: every request received more than once. With it (a worker was SIGKILLed at that
+        monotonic time): a request the dead worker had started runs once more by design; a duplicate is one
+        received twice before the kill or twice after it.
+        """
+        with self._lock:
+            if killed_at is None:
+                return sum(1 for times in self._of(prompts) if len(times) > 1)
+            return sum(
+                1
+                for times in self._of(prompts)
+                if sum(t < killed_at for t in times) > 1 or sum(t >= killed_at for t in times) > 1
+            )
+
+    def reruns(self, prompts: list[str], killed_at: float) -> int:
+        """Requests started before the kill and run again after it (the dead worker's work, redelivered)."""
+        with self._lock:
+            return sum(
+                1
+                for times in self._of(prompts)
+                if any(t < killed_at for t in times) and any(t >= killed_at for t in times)
+            )
 
     def ran(self, prompt: str) -> int:
         """How many times a chat with this one user message reached the simulator."""
