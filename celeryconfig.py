@@ -13,6 +13,7 @@ from provider.settings import Settings, get_settings
 
 _BROKER_MARGIN_S = 60.0
 DEFAULT_REDIS_VISIBILITY_TIMEOUT_S = 5.0
+_CONNECT_TIMEOUT_S = 2.0
 _MANAGEMENT_THREADS = 2
 
 
@@ -31,6 +32,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         transport_options["visibility_timeout"] = max(1, int(visibility_s))
         transport_options["unacked_restore_interval"] = max(1, min(10, int(visibility_s / 4)))
         transport_options["unacked_restore_throttle"] = 1
+        transport_options["socket_connect_timeout"] = _CONNECT_TIMEOUT_S  # a broker outage fails publishes fast
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -57,6 +59,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_routes": ("tasks.routing.route_task",),
         "result_expires": int(settings.result_expires_s),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # a broker outage: publishing gives up after about a second (FleetError fleet_publish_failed)
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         # one connection per worker thread at once: redis-py's default pool of 100 fails a worker with -c 256
         "redis_max_connections": max(100, 2 * sum(i.concurrency for i in settings.usable_instances()) + 32),
         "task_time_limit": int(longest_s + _BROKER_MARGIN_S),

@@ -28,6 +28,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from provider.models import ChatRequest, EmbedRequest
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
@@ -113,12 +114,33 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
 
     deadline: float | None = None
 
+    def __del__(self) -> None:
+        """Celery unsubscribes from the result here; with the result store down that fails: nothing to do then."""
+        try:
+            super().__del__()
+        except Exception:  # noqa: S110 - garbage collection must never raise
+            pass
+
     def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
-        """The opened response; waits at most until the request's deadline (plus a short grace)."""
-        if timeout is None and self.deadline is not None:
-            timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
+        """The opened response; waits at most until the request's deadline (plus a short grace).
+
+        A result made from an id alone (``chat.AsyncResult(id)``, not from ``delay`` here) does not know its
+        deadline: it waits at most the longest deadline of any operation (``timeouts.longest_s``), never for ever.
+        While the result store is unreachable it raises ``FleetError`` ``fleet_result_unavailable`` (retryable).
+        """
+        if timeout is None:
+            if self.deadline is not None:
+                timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
+            else:
+                timeout = runtime().settings.timeouts.longest_s + _RESULT_GRACE_S
         try:
             raw = super().get(timeout=timeout, propagate=True, **kwargs)
+        except (RedisError, OperationalError) as exc:
+            raise _result_unavailable(exc) from None
+        except RuntimeError as exc:  # Celery's result consumer after its connection broke
+            if isinstance(exc.__cause__ or exc.__context__, RedisError) or "restarted" in str(exc):
+                raise _result_unavailable(exc) from None
+            raise
         except CeleryTimeoutError:
             raise FleetError("no result before the request's deadline", code="fleet_timeout", retryable=True) from None
         except FleetTaskError as exc:
@@ -129,6 +151,14 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
                 raise FleetError("the request expired before a worker took it", code="fleet_timeout") from None
             raise
         return runtime().codec.open_response(raw, request_id=self.id)
+
+
+def _result_unavailable(exc: BaseException) -> FleetError:
+    return FleetError(
+        f"the result store is unreachable ({type(exc).__name__}); try get() again",
+        code="fleet_result_unavailable",
+        retryable=True,
+    )
 
 
 class FleetGroupResult:
@@ -174,7 +204,14 @@ class FleetTask(Task):  # type: ignore[type-arg]
     ) -> FleetResult | FleetGroupResult:
         """Publish one signed envelope (or one per instance for a management call to ``all``)."""
         if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
-            return self._publish(args[0], producer=producer, options=options)
+            try:
+                return self._publish(args[0], producer=producer, options=options)
+            except RedisError as exc:
+                raise FleetError(
+                    f"could not publish: Redis unreachable ({type(exc).__name__})",
+                    code="fleet_publish_failed",
+                    retryable=True,
+                ) from None
         if args:
             raise FleetError(
                 f"{self.name} takes keyword arguments or one envelope",
@@ -186,7 +223,22 @@ class FleetTask(Task):  # type: ignore[type-arg]
     def submit(
         self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
     ) -> FleetResult | FleetGroupResult:
-        """Build, route, sign and publish; the producer API behind ``delay``."""
+        """Build, route, sign and publish; the producer API behind ``delay``.
+
+        With Redis (registry or broker) unreachable it raises ``FleetError`` ``fleet_publish_failed`` at once.
+        """
+        try:
+            return self._submit(producer=producer, options=options, **kwargs)
+        except RedisError as exc:
+            raise FleetError(
+                f"could not publish: Redis unreachable ({type(exc).__name__})",
+                code="fleet_publish_failed",
+                retryable=True,
+            ) from None
+
+    def _submit(
+        self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> FleetResult | FleetGroupResult:
         rt = runtime()
         fleet = {k: kwargs.pop(k) for k in FLEET_OPTIONS if k in kwargs}
         operation = self.operation
