@@ -39,6 +39,7 @@ from provider.protocol import (
 )
 from provider.retry import call_with_retries
 from provider.streaming import StreamAccumulator
+from tasks.consumer import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS
@@ -52,6 +53,7 @@ __all__ = ["execute", "run_chat", "run_embed", "stream_chat_runner"]
 log = logging.getLogger("tasks.execution")
 
 _HELD_POLL_S = 0.1
+DELIVERY_LIMIT_REASON = "delivery_limit"
 _HAND_BACK_PAUSE_S = 0.5
 RESPONSE_BODY_FIELDS = (*SEALED_RESPONSE_FIELDS, *PLAIN_RESPONSE_FIELDS)
 _GENERATION = {"chat", "stream_chat", "embed", "count_tokens"}
@@ -192,7 +194,13 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
         )
         log.warning("dead-lettering %s after %d hand-backs", verified.request_id, count - 1)
         if not rt.amqp:  # RabbitMQ dead-letters a rejected message itself; a Redis lane needs it copied
-            task.app.send_task(task.name, args=[raw], task_id=verified.request_id, queue=dead_letter_queue_for(rt).name)
+            task.app.send_task(
+                task.name,
+                args=[raw],
+                task_id=verified.request_id,
+                queue=dead_letter_queue_for(rt).name,
+                headers={DEAD_LETTER_REASON_HEADER: DELIVERY_LIMIT_REASON, DEAD_LETTER_SOURCE_HEADER: verified.lane},
+            )
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
         task.backend.mark_as_failure(verified.request_id, FleetTaskError(envelope), request=task.request)
         raise Reject(str(why), requeue=False)

@@ -144,6 +144,18 @@ return 1
 """
 )
 
+# KEYS[1] record; ARGV error code. Forget a completed record whose stored result is an error with that code.
+_FORGET_ERROR_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'result')
+if rec[1] ~= 'done' or not rec[2] then return 0 end
+local ok, result = pcall(cjson.decode, rec[2])
+if ok and type(result) == 'table' and result['code'] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
 # KEYS[1] record; ARGV holder
 _RELEASE_LUA = """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'holder')
@@ -261,6 +273,7 @@ class JtiLedger:
         self._release = client.register_script(_RELEASE_LUA)
         self._lookup = client.register_script(_LOOKUP_LUA)
         self._take_over = client.register_script(_TAKE_OVER_LUA)
+        self._forget_error = client.register_script(_FORGET_ERROR_LUA)
 
     def key(self, jti: str) -> str:
         """The Redis key of a jti's record."""
@@ -308,6 +321,10 @@ class JtiLedger:
             keys=[self.key(jti), self.alive_key(current_holder)], args=[current_holder, holder, self._lease_ms]
         )
         return bool(reply)
+
+    def forget_error(self, jti: str, code: str) -> bool:
+        """Forget a jti whose stored result is the error ``code`` (a dead letter being requeued runs again)."""
+        return bool(self._forget_error(keys=[self.key(jti)], args=[code]))
 
     def release(self, jti: str, holder: str) -> bool:
         """Hand the jti back (drop the lease) for a redelivery to take; False unless this holder holds it."""

@@ -282,6 +282,12 @@ class CountingSimulator(_Controlled):
                 if any(t < killed_at for t in times) and any(t >= killed_at for t in times)
             )
 
+    def completed_for(self, prompt: str) -> int:
+        """How many times a chat with this one user message was answered in full."""
+        key = json.dumps([{"role": "user", "content": prompt}], sort_keys=True)
+        with self._lock:
+            return self.completed[key]
+
     def ran(self, prompt: str) -> int:
         """How many times a chat with this one user message reached the simulator."""
         key = json.dumps([{"role": "user", "content": prompt}], sort_keys=True)
