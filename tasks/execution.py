@@ -43,6 +43,7 @@ from tasks.consumer import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS
+from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
 from tasks.queues import dead_letter_queue
 from tasks.runtime import FleetRuntime, runtime
 from tasks.streams import StreamWriter
@@ -184,7 +185,10 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     dead-letter queue; nothing loops forever.
     """
     count = rt.count_hand_back(verified.request_id, ttl_s=verified.time_left_s() + rt.settings.security.leeway_s)
-    if count > rt.settings.lanes.delivery_limit:
+    # RabbitMQ counts every return of the message (x-delivery-count), hand-back or not: the worker dead-letters
+    # (and tells the caller) before the queue's own limit would dead-letter it silently.
+    deliveries = _delivery_count(task)
+    if count > rt.settings.lanes.delivery_limit or deliveries + 1 >= rt.settings.lanes.delivery_limit + QUEUE_MARGIN:
         envelope = rt.codec.error(
             verified,
             FleetError(
@@ -212,6 +216,17 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     worker_fleet().reconcile()
     time.sleep(min(_HAND_BACK_PAUSE_S, max(0.0, verified.time_left_s()) / 10))
     raise Reject(str(why), requeue=True)
+
+
+def _delivery_count(task: Task[Any, Any]) -> int:
+    """How many times RabbitMQ returned this message to its lane before (its ``x-delivery-count`` header)."""
+    value = task.request.get("x-delivery-count")
+    if value is None:
+        value = (getattr(task.request, "headers", None) or {}).get("x-delivery-count")
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _replay_stored(stored: dict[str, Any]) -> dict[str, Any]:
@@ -252,14 +267,17 @@ def _run_on_instance(verified: VerifiedRequest, run: Runner) -> dict[str, Any]:
 
 def _retrying(rt: FleetRuntime, verified: VerifiedRequest, served: ServedInstance, call: Callable[[float], Any]) -> Any:
     settings = rt.settings
-    failed_before = False
+    failed_attempts = 0
 
     def attempt(time_left_s: float) -> Any:
-        nonlocal failed_before
+        # A blip seen by one request's retries must not open the circuit: its first failure counts, its next
+        # ones only once it alone has failed ``circuit_failure_threshold`` times (the instance keeps failing).
+        nonlocal failed_attempts
+        counts = failed_attempts == 0 or failed_attempts >= settings.circuit_failure_threshold - 1
         try:
-            return served.guarded(call, time_left_s, count_failure=not failed_before)
+            return served.guarded(call, time_left_s, count_failure=counts)
         except ProviderError as exc:
-            failed_before = failed_before or exc.retryable
+            failed_attempts += int(exc.retryable)
             raise
 
     return call_with_retries(

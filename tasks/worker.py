@@ -27,7 +27,7 @@ from celery import bootsteps
 from provider.capacity import CapacityGate
 from provider.client import VllmClient
 from provider.discovery import discover_offerings, instances_to_serve
-from provider.errors import ProviderError
+from provider.errors import ProviderError, ProviderTimeoutError
 from provider.event_bus import EventBus, events_bus_for
 from provider.events import RegistryEvent, RegistryEventError
 from provider.health import HealthTracker
@@ -96,7 +96,7 @@ class ServedInstance:
         """Run one call through the instance's circuit breaker; an open circuit hands the work back.
 
         ``count_failure=False`` (a retry of a request whose earlier attempt already failed) does not count a
-        failure again: the circuit counts failing requests, not attempts, so one request's retries never open it.
+        failure again: a short blip seen by one request's retries does not open the circuit.
         """
         if not self._known_healthy and not self.health.allow(self.name, time_left_s):
             raise HandBack(f"the circuit of instance {self.name} is open")
@@ -108,6 +108,8 @@ class ServedInstance:
                 self._succeeded(time.monotonic() - started)
                 raise
             self._known_healthy = False
+            if isinstance(exc, ProviderTimeoutError) and time_left_s < self.health.probe_min_time_left_s:
+                raise  # cut short by the request's own deadline: it says nothing about the instance
             if count_failure:
                 circuit = self.health.record_failure(self.name, exc.code)
             else:

@@ -34,7 +34,7 @@ def test_half_open_probe_goes_only_to_a_request_with_time_left(redis_url: str) -
     assert tracker.allow("other", time_left_s=0.1), "a closed circuit lets every call through"
 
 
-def test_retries_of_one_request_count_as_one_failure(live_fleet: LiveFleet) -> None:
+def test_a_blip_seen_by_one_requests_retries_does_not_open_the_circuit(live_fleet: LiveFleet) -> None:
     from tasks import chat
 
     health = HealthTracker.from_settings(live_fleet.state, live_fleet.settings)

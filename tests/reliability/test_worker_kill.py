@@ -36,9 +36,9 @@ def test_worker_sigkill_mid_load(broker: str, redis_url: str, fault_security: Se
     from tasks import chat
 
     total = sized(24, 200)
-    timeout_s = 12.0  # shorter than the default lease (15 s): recovery must not wait it out
+    timeout_s = 14.0  # shorter than the default lease (15 s): recovery must not wait it out
     flush_test_databases(redis_url)
-    broker_url = request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else f"{redis_url}/{BROKER_DB}"
+    broker_url = request.getfixturevalue("reliability_vhost") if broker == "rabbitmq" else f"{redis_url}/{BROKER_DB}"
     sim = CountingSimulator(simulator_config(ttft_s=2.0))
     sim.start()
     settings = fault_settings(
