@@ -19,6 +19,7 @@ to its own lane unchanged. The returned ``FleetResult.get()`` opens the response
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, ClassVar, cast
@@ -116,10 +117,8 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
 
     def __del__(self) -> None:
         """Celery unsubscribes from the result here; with the result store down that fails: nothing to do then."""
-        try:
+        with contextlib.suppress(Exception):  # garbage collection must never raise
             super().__del__()
-        except Exception:  # noqa: S110 - garbage collection must never raise
-            pass
 
     def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
         """The opened response; waits at most until the request's deadline (plus a short grace).

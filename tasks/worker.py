@@ -345,6 +345,7 @@ class WorkerFleet:
         with self._reconcile_lock:
             for served in self.instances.values():
                 served.sync_health()
+                self._mark_circuit(served)
                 accepting = served.live and served.accepting()
                 CIRCUIT_OPEN.labels(instance=served.name).set(
                     CIRCUIT_VALUES.get(served.health.state(served.name).circuit, 0)
@@ -355,6 +356,18 @@ class WorkerFleet:
                         self._publish(served, offering, "offering_available" if accepting else "offering_degraded")
                 self._accepting[served.name] = accepting
             self._follow_lanes()
+
+    def _mark_circuit(self, served: ServedInstance) -> None:
+        """Offerings of an instance whose circuit is open read ``degraded`` in the registry (producers route
+        elsewhere or fail fast with ``fleet_unavailable``), and ``available`` again once it half-opens."""
+        if not served.live:
+            return  # discovery marked them unavailable
+        wanted = "degraded" if served.health.state(served.name).circuit == "open" else "available"
+        if all(offering.status == wanted for offering in served.offerings):
+            return
+        served.offerings = [_with_status(offering, wanted) for offering in served.offerings]
+        self._register(served)
+        invalidate_route_cache()
 
     def _follow_lanes(self) -> None:
         """Add consumers for new lanes and cancel those no instance here serves any more."""

@@ -28,7 +28,8 @@ def test_half_open_probe_goes_only_to_a_request_with_time_left(redis_url: str) -
     tracker.record_failure("gpu", "server_error")
     now[0] += 11
     assert not tracker.allow("gpu", time_left_s=1.0), "a request with 1 s left must not be the probe"
-    assert tracker.state("gpu").circuit == "half_open" and not tracker.state("gpu").probe_in_flight
+    assert tracker.state("gpu").circuit == "half_open"
+    assert not tracker.state("gpu").probe_in_flight
     assert tracker.allow("gpu", time_left_s=30.0)
     assert tracker.state("gpu").probe_in_flight
     assert tracker.allow("other", time_left_s=0.1), "a closed circuit lets every call through"
