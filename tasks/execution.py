@@ -342,11 +342,13 @@ def stream_chat_runner(task: Task[Any, Any]) -> Runner:
             sealer=rt.stream_sealer(verified.request_id),
         )
         attempts = 0
+        # A redelivered request (its worker died mid-stream) finds that worker's chunks: mark them superseded.
+        resumed = bool(rt.redis.exists(rt.keys.stream(verified.request_id)))
 
         def one_attempt(time_left_s: float) -> dict[str, Any]:
             nonlocal attempts
             attempts += 1
-            if attempts > 1:
+            if attempts > 1 or resumed:
                 writer.reset(attempts)
             accumulator = StreamAccumulator()
             first = True

@@ -641,7 +641,7 @@ def test_redis_command_and_healthcheck(tmp_path: Path) -> None:
         wait_until(lambda: loop.healthcheck("redis").returncode == 0, "redis answering its healthcheck")
         client = redis.Redis(host="127.0.0.1", port=port)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
         client.set("ops", "1")
         wait_until(lambda: any(tmp_path.rglob("*.aof")), "an append-only file")
     finally:
