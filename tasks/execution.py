@@ -184,7 +184,11 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     lane's delivery limit the caller is told (``fleet_dead_lettered``) and the message is kept in the
     dead-letter queue; nothing loops forever.
     """
-    count = rt.count_hand_back(verified.request_id, ttl_s=verified.time_left_s() + rt.settings.security.leeway_s)
+    key = rt.keys.hand_backs(verified.request_id)
+    if why.tried:
+        count = rt.count_hand_back(verified.request_id, ttl_s=verified.time_left_s() + rt.settings.security.leeway_s)
+    else:  # handed back untried: not the request's fault, not counted (its deadline bounds it)
+        count = int(rt.redis.get(key) or 0)
     # RabbitMQ counts every return of the message (x-delivery-count), hand-back or not: the worker dead-letters
     # (and tells the caller) before the queue's own limit would dead-letter it silently.
     deliveries = _delivery_count(task)
@@ -207,6 +211,8 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
             )
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
         task.backend.mark_as_failure(verified.request_id, FleetTaskError(envelope), request=task.request)
+        if verified.operation == "stream_chat":  # its reader stops at this error instead of its deadline
+            stream_writer(rt, verified).error(envelope)
         raise Reject(str(why), requeue=False)
     rt.ledger.release(verified.request_id, rt.holder)
     HAND_BACKS.labels(instance=str(getattr(why, "instance", "-"))).inc()
@@ -327,20 +333,25 @@ def run_embed(verified: VerifiedRequest, served: ServedInstance) -> dict[str, An
     return {"result": data, "usage": data.get("usage"), "metadata": {"instance": served.name}}
 
 
+def stream_writer(rt: FleetRuntime, verified: VerifiedRequest) -> StreamWriter:
+    """The writer of a request's Redis Stream."""
+    return StreamWriter(
+        rt.redis,
+        rt.keys.stream(verified.request_id),
+        max_len=rt.settings.stream_max_len,
+        retention_s=rt.settings.stream_retention_s,
+        cancel_key=rt.keys.cancel(verified.request_id),
+        sealer=rt.stream_sealer(verified.request_id),
+    )
+
+
 def stream_chat_runner(task: Task[Any, Any]) -> Runner:
     """A runner that relays chunks into the task's Redis Stream and returns the assembled message."""
 
     def run(verified: VerifiedRequest, served: ServedInstance) -> dict[str, Any]:
         rt = runtime()
         request = ChatRequest.model_validate(verified.params)
-        writer = StreamWriter(
-            rt.redis,
-            rt.keys.stream(verified.request_id),
-            max_len=rt.settings.stream_max_len,
-            retention_s=rt.settings.stream_retention_s,
-            cancel_key=rt.keys.cancel(verified.request_id),
-            sealer=rt.stream_sealer(verified.request_id),
-        )
+        writer = stream_writer(rt, verified)
         attempts = 0
         # A redelivered request (its worker died mid-stream) finds that worker's chunks: mark them superseded.
         resumed = bool(rt.redis.exists(rt.keys.stream(verified.request_id)))

@@ -51,7 +51,16 @@ _FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens
 
 
 class HandBack(Exception):
-    """This worker's instance cannot serve now; the message goes back to its lane for another worker."""
+    """This worker's instance cannot serve now; the message goes back to its lane for another worker.
+
+    ``tried``: the request was sent to the instance and failed. Only such hand-backs count towards the lane's
+    delivery limit (a request that keeps failing is poison); one handed back untried (an open circuit, a lane
+    this worker no longer serves) says nothing about the request and is bounded by its deadline instead.
+    """
+
+    def __init__(self, message: str, *, tried: bool = False) -> None:
+        super().__init__(message)
+        self.tried = tried
 
 
 @dataclass
@@ -115,7 +124,7 @@ class ServedInstance:
             else:
                 circuit = self.health.state(self.name).circuit
             if circuit == "open":
-                raise HandBack(f"instance {self.name} failed {exc.code}; its circuit opened") from exc
+                raise HandBack(f"instance {self.name} failed {exc.code}; its circuit opened", tried=True) from exc
             raise
         self._succeeded(time.monotonic() - started)
         return result

@@ -184,6 +184,7 @@ class CountingSimulator(_Controlled):
         self.inner = create_app(config)
         self.received: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
+        self.succeeded: Counter[str] = Counter()
         self.receipts: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self.port = free_port()
@@ -212,11 +213,18 @@ class CountingSimulator(_Controlled):
             self.receipts.setdefault(key, []).append(time.monotonic())
         sent = False
 
+        status = 0
+
         async def counting_send(message: dict[str, Any]) -> None:
+            nonlocal status
             await send(message)
+            if message.get("type") == "http.response.start":
+                status = int(message.get("status", 0))
             if message.get("type") == "http.response.body" and not message.get("more_body", False):
                 with self._lock:
                     self.completed[key] += 1
+                    if status == 200:
+                        self.succeeded[key] += 1
 
         async def replay() -> dict[str, Any]:
             nonlocal sent
@@ -260,13 +268,14 @@ class CountingSimulator(_Controlled):
     def duplicated(self, prompts: list[str], *, killed_at: float | None = None) -> int:
         """Requests the simulator ran more than once on live workers.
 
-        Without ``killed_at``: every request received more than once. With it (a worker was SIGKILLed at that
-        monotonic time): a request the dead worker had started runs once more by design; a duplicate is one
+        Without ``killed_at``: every request the simulator answered successfully more than once. With it (a
+        worker was SIGKILLed at that monotonic time): a request the dead worker had started runs once more by design; a duplicate is one
         received twice before the kill or twice after it.
         """
         with self._lock:
-            if killed_at is None:
-                return sum(1 for times in self._of(prompts) if len(times) > 1)
+            if killed_at is None:  # answered 200 more than once (a retry after a failed attempt is not one)
+                keys = {json.dumps([{"role": "user", "content": p}], sort_keys=True) for p in prompts}
+                return sum(1 for key in keys if self.succeeded[key] > 1)
             return sum(
                 1
                 for times in self._of(prompts)

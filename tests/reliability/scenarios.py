@@ -48,6 +48,7 @@ def stage(
     sims: dict[str, dict[str, Any]] | None = None,
     concurrency: int = 32,
     workers: int = 1,
+    worker_per_instance: bool = False,
     **overrides: Any,
 ) -> Iterator[Stage]:
     """Simulators (name -> config overrides), settings serving them all, and ``workers`` worker processes."""
@@ -71,8 +72,13 @@ def stage(
         )
         use(settings)
         running = Stage(settings, started)
-        for index in range(workers):
-            running.add_worker(f"w{index}", concurrency + 2)
+        if worker_per_instance:  # one worker beside each instance, as on GPU hosts
+            for name, instance in settings.instances.items():
+                own = settings.model_copy(update={"instances": {name: instance}})
+                running.add_worker(f"w-{name}", concurrency + 2, own)
+        else:
+            for index in range(workers):
+                running.add_worker(f"w{index}", concurrency + 2)
         wait_for_offerings(settings, 2 * len(started))
         yield running
     finally:
