@@ -269,8 +269,8 @@ class CountingSimulator(_Controlled):
         """Requests the simulator ran more than once on live workers.
 
         Without ``killed_at``: every request the simulator answered successfully more than once. With it (a
-        worker was SIGKILLed at that monotonic time): a request the dead worker had started runs once more by design; a duplicate is one
-        received twice before the kill or twice after it.
+        worker was SIGKILLed at that monotonic time): a request the dead worker had started runs once more by
+        design; a duplicate is one received twice before the kill or twice after it.
         """
         with self._lock:
             if killed_at is None:  # answered 200 more than once (a retry after a failed attempt is not one)
