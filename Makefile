@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install fleet stop test test-docker lint typecheck pytest bench bench-quick services
+.PHONY: install fleet stop test test-docker lint typecheck pytest bench bench-quick services reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ pytest: install
 ## pytest-celery's Docker-based smoke tests (needs a Docker engine; not part of `make test`).
 test-docker: install
 	$(BIN)/python -m pytest -p celery -o addopts="" tests_docker
+
+## The fault suite's full profile (by hand: several minutes; its short profile runs inside `make test`).
+## Rows go to .run/reliability-report.jsonl; VFT_RELIABILITY_SCALE=4 sizes it for a bigger machine.
+reliability: install
+	bash scripts/services.sh redis rabbitmq
+	mkdir -p .run && rm -f .run/reliability-report.jsonl
+	VFT_RELIABILITY_PROFILE=full VFT_RELIABILITY_REPORT=$(CURDIR)/.run/reliability-report.jsonl \
+		$(BIN)/python -m pytest -o addopts="-p no:celery -p no:cacheprovider -ra --timeout=1800" -s tests/reliability
 
 bench: install
 	bash scripts/services.sh redis rabbitmq

@@ -12,6 +12,8 @@ from beat_schedule import build_beat_schedule
 from provider.settings import Settings, get_settings
 
 _BROKER_MARGIN_S = 60.0
+DEFAULT_REDIS_VISIBILITY_TIMEOUT_S = 5.0
+_CONNECT_TIMEOUT_S = 2.0
 _MANAGEMENT_THREADS = 2
 
 
@@ -23,12 +25,14 @@ def build_config(settings: Settings) -> dict[str, Any]:
     if is_amqp:
         transport_options["confirm_publish"] = True
     else:
-        # Unacked messages come back after this long: it must exceed the longest request deadline
-        # (a shorter one, for tests, relies on the jti lease to keep a running request from running twice).
-        visibility_s = settings.redis_visibility_timeout_s or longest_s + _BROKER_MARGIN_S
-        transport_options["visibility_timeout"] = int(visibility_s)
+        # Unacked messages come back after this long. Workers touch the messages they hold (reserved or running)
+        # every third of it (``tasks.worker.VisibilityKeeper``), so only a dead worker's messages come back, within
+        # the deadlines; a copy of a message still running meets its live lease and never runs twice.
+        visibility_s = settings.redis_visibility_timeout_s or DEFAULT_REDIS_VISIBILITY_TIMEOUT_S
+        transport_options["visibility_timeout"] = max(1, int(visibility_s))
         transport_options["unacked_restore_interval"] = max(1, min(10, int(visibility_s / 4)))
         transport_options["unacked_restore_throttle"] = 1
+        transport_options["socket_connect_timeout"] = _CONNECT_TIMEOUT_S  # a broker outage fails publishes fast
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -55,6 +59,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_routes": ("tasks.routing.route_task",),
         "result_expires": int(settings.result_expires_s),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # a broker outage: publishing gives up after about a second (FleetError fleet_publish_failed)
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         # one connection per worker thread at once: redis-py's default pool of 100 fails a worker with -c 256
         "redis_max_connections": max(100, 2 * sum(i.concurrency for i in settings.usable_instances()) + 32),
         "task_time_limit": int(longest_s + _BROKER_MARGIN_S),

@@ -244,6 +244,9 @@ class Settings(BaseSettings):
     model_cache_ttl_s: float = MODEL_DETAIL_CACHE_TTL_S
     circuit_failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD
     circuit_half_open_after_s: float = CIRCUIT_HALF_OPEN_AFTER_S
+    # The half-open probe goes only to a request with this much time left (one about to expire would time out
+    # and reopen the circuit whatever the instance's health).
+    circuit_probe_min_time_left_s: float = Field(default=5.0, ge=0)
     retry_base_delay_s: float = 0.2
     retry_max_delay_s: float = 5.0
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -258,6 +261,12 @@ class Settings(BaseSettings):
     send_sent_events: bool = False
     metrics_port: int | None = None
     lease_s: float = Field(default=15.0, gt=0)
+    # A worker's heartbeat lives this long without renewal (renewed every quarter of it): a redelivered request
+    # whose lease holder has no heartbeat takes the lease over at once, instead of waiting out ``lease_s``.
+    holder_ttl_s: float = Field(default=4.0, gt=0)
+    # Redis broker: a message unacked this long is given to another worker. Workers keep touching the messages
+    # they hold (every third of this), so only a dead worker's messages come back: short, so that recovery fits
+    # inside the deadlines. None: DEFAULT_REDIS_VISIBILITY_TIMEOUT_S.
     redis_visibility_timeout_s: float | None = None
     # ``Settings.to_env`` writes None as "null": read it back as None (worker processes start from to_env).
     pause_when_waiting_over: int | None = Field(default=None, ge=0)

@@ -363,7 +363,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
             )
         letters = drop_dead_letters(args.task_id)
         title = "dropped"
-    table = Table("task id", "task", "lane", "operation", "reason", title=f"{title}: {len(letters)}")
+    table = Table("task id", "task", "lane", "operation", "reason", "requeued as", title=f"{title}: {len(letters)}")
     for letter in letters:
         table.add_row(*letter.as_row())
     console.print(table)

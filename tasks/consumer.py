@@ -13,6 +13,14 @@ then raises in its reader and the worker stops. ``guard_redis_transport`` makes 
 a message of its own content type (``UNDECODABLE_CONTENT_TYPE``), which the consumer dead-letters like the rest.
 It also sets a message's delivery lane to the list kombu actually popped it from: a frame LPUSHed onto one
 lane's list claiming another lane in its own ``delivery_info`` is checked against the lane it really came from.
+
+It also keeps a broker drop from stopping the worker: when the Redis broker goes away, Celery closes the
+connection (kombu detaches its transport) and reconnects, while tasks started before the drop still run on
+their threads. When one finishes, it acks its message on the old channel, which then builds a connection pool
+from the detached transport and raised ``AttributeError`` (not a connection error), which Celery treats as
+unrecoverable: the worker exited. Guarded, that ack fails as a broker connection error, which Celery logs; the
+message stays unacked on the broker and comes back after the visibility timeout, where the jti ledger answers
+it with the stored result (it never runs twice).
 """
 
 from __future__ import annotations
@@ -364,9 +372,18 @@ def guard_redis_transport() -> bool:
         finally:
             _popped.fanout = False
 
+    original_connparams = redis_transport.Channel._connparams
+    connection_error = redis_transport.get_redis_ConnectionError()
+
+    def connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.connection, "client", None) is None:  # the connection was closed: a late ack or reject
+            raise connection_error("the broker connection of this channel was closed")
+        return original_connparams(self, *args, **kwargs)
+
     redis_transport.loads = loads
     redis_transport.Channel.Message = GuardedMessage
     redis_transport.Transport._deliver = _deliver
     redis_transport.Channel._deliver_fanout_message = _deliver_fanout_message
+    redis_transport.Channel._connparams = connparams
     redis_transport._fleet_guarded = True
     return True

@@ -3,16 +3,24 @@ requeue to its lane, or drop.
 
 RabbitMQ dead-letters lanes itself (expired, over the delivery limit); workers copy what they dead-letter on a
 Redis broker, and undecodable bytes, into the same queue. Listing never consumes: messages are read and put back.
+
+Requeueing runs the work again: the answer stored for a dead-lettered request (``fleet_dead_lettered``) and its
+hand-back count are forgotten first, so the worker does not answer the copy with them. A request still inside
+its deadline goes back as it is (a caller still waiting gets the answer); one past its deadline is re-signed as
+a new request with the same parameters and a fresh deadline (``requeued_as``: its id), which needs the signing
+key (and the sealing key for sealed parameters) where the command runs.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from provider.protocol import EnvelopeError
 from tasks.app import app
+from tasks.consumer import DEAD_LETTER_REASON_HEADER
 from tasks.producer import is_envelope
 from tasks.queues import dead_letter_queue
 from tasks.runtime import FleetRuntime, runtime
@@ -20,6 +28,8 @@ from tasks.runtime import FleetRuntime, runtime
 __all__ = ["DeadLetter", "drop_dead_letters", "list_dead_letters", "requeue_dead_letters"]
 
 _READ_LIMIT = 10_000
+_DEAD_LETTERED = "fleet_dead_lettered"
+_MIN_TIME_LEFT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,11 @@ class DeadLetter:
     lane: str
     operation: str
     reason: str
+    requeued_as: str = ""
 
     def as_row(self) -> list[str]:
         """Table cells."""
-        return [self.task_id, self.task, self.lane, self.operation, self.reason]
+        return [self.task_id, self.task, self.lane, self.operation, self.reason, self.requeued_as]
 
 
 def _envelope_of(message: Any) -> dict[str, Any] | None:
@@ -55,7 +66,10 @@ def _describe(message: Any) -> DeadLetter:
     headers = message.headers or {}
     envelope = _envelope_of(message) or {}
     deaths = headers.get("x-death") or []
-    reason = str(deaths[0].get("reason", "")) if deaths and isinstance(deaths[0], dict) else headers.get("x-reason", "")
+    if deaths and isinstance(deaths[0], dict):  # RabbitMQ's own dead-lettering: rejected, expired, delivery_limit
+        reason = str(deaths[0].get("reason", ""))
+    else:  # what a worker copied here: our header
+        reason = str(headers.get(DEAD_LETTER_REASON_HEADER) or headers.get("x-first-death-reason") or "")
     return DeadLetter(
         task_id=str(headers.get("id") or envelope.get("request_id") or "?"),
         task=str(headers.get("task") or "?"),
@@ -78,14 +92,15 @@ def _each(rt: FleetRuntime, decide: Any) -> list[DeadLetter]:
                     message = queue.get(block=False)
                 except queue.Empty:
                     break
-                seen.append(_describe(message))
+                letter = _describe(message)
                 action = decide(message)
                 if action == "keep":
                     kept.append(message)
                 else:
                     if action == "requeue":
-                        _republish(message)
+                        letter = replace(letter, requeued_as=_republish(rt, message))
                     message.ack()
+                seen.append(letter)
         finally:
             for message in kept:
                 message.requeue()
@@ -93,12 +108,46 @@ def _each(rt: FleetRuntime, decide: Any) -> list[DeadLetter]:
     return seen
 
 
-def _republish(message: Any) -> None:
+def _republish(rt: FleetRuntime, message: Any) -> str:
+    """Publish a dead letter's request to run again; returns its request id (a new one when re-signed)."""
     envelope = _envelope_of(message)
     name = str((message.headers or {}).get("task") or "")
     if envelope is None or name not in app.tasks:
         raise ValueError("this dead letter holds no fleet envelope; drop it instead")
-    app.tasks[name].apply_async(args=(envelope,))
+    request_id = str(envelope.get("request_id") or "")
+    lane = str(envelope.get("routing_key") or "")
+    verified = rt.codec.verify_request(envelope, lane=lane, task_name=name, now=_issued_at(envelope))
+    if rt.ledger.forget_error(request_id, _DEAD_LETTERED):  # its stored answer would be given to the copy
+        rt.redis.delete(rt.keys.hand_backs(request_id))
+        app.backend.forget(request_id)
+    if verified.time_left_s() >= _MIN_TIME_LEFT_S:
+        app.tasks[name].apply_async(args=(envelope,))
+        return request_id
+    fresh = rt.codec.build_request(
+        operation=verified.operation,
+        task_name=name,
+        lane=lane,
+        params=verified.params,
+        timeout_s=verified.timeout_seconds,
+        model=verified.model,
+        provider_instance=verified.provider_instance,
+        correlation_id=verified.correlation_id,
+        caller=verified.caller,
+        message_context=verified.message_context,
+        trace_context=verified.trace_context,
+    )
+    app.tasks[name].apply_async(args=(fresh,))
+    return str(fresh["request_id"])
+
+
+def _issued_at(envelope: dict[str, Any]) -> float:
+    """When the token was issued (read unverified, only to verify everything else as of that time)."""
+    try:
+        payload = str(envelope["signed_token"]).split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["iat"]) + 1.0
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise EnvelopeError("the dead letter's token cannot be read") from exc
 
 
 def list_dead_letters(rt: FleetRuntime | None = None) -> list[DeadLetter]:
@@ -108,17 +157,15 @@ def list_dead_letters(rt: FleetRuntime | None = None) -> list[DeadLetter]:
 
 def _act_on(action: str, task_id: str | None, rt: FleetRuntime | None) -> list[DeadLetter]:
     """Apply ``action`` to every dead letter (or the one of ``task_id``), keep the rest; returns those acted on."""
-    chosen: list[DeadLetter] = []
+    chosen: list[bool] = []
 
     def decide(message: Any) -> str:
-        letter = _describe(message)
-        if task_id is None or letter.task_id == task_id:
-            chosen.append(letter)
-            return action
-        return "keep"
+        picked = task_id is None or _describe(message).task_id == task_id
+        chosen.append(picked)
+        return action if picked else "keep"
 
-    _each(rt or runtime(), decide)
-    return chosen
+    seen = _each(rt or runtime(), decide)
+    return [letter for letter, picked in zip(seen, chosen, strict=True) if picked]
 
 
 def requeue_dead_letters(task_id: str | None = None, rt: FleetRuntime | None = None) -> list[DeadLetter]:

@@ -40,9 +40,11 @@ from provider.vllm.errors import ProviderError
 from provider.vllm.models import ChatRequest, ChatResponse, EmbedRequest
 from provider.vllm.retry import call_with_retries
 from provider.vllm.streaming import StreamAccumulator
+from tasks.consumer import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS
+from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
 from tasks.queues import dead_letter_queue
 from tasks.redaction import describe_exception
 from tasks.runtime import FleetRuntime, runtime
@@ -54,6 +56,7 @@ __all__ = ["execute", "run_chat", "run_embed", "stream_chat_runner"]
 log = logging.getLogger("tasks.execution")
 
 _HELD_POLL_S = 0.1
+DELIVERY_LIMIT_REASON = "delivery_limit"
 _HAND_BACK_PAUSE_S = 0.5
 RESPONSE_BODY_FIELDS = (*SEALED_RESPONSE_FIELDS, *PLAIN_RESPONSE_FIELDS)
 _GENERATION = {"chat", "stream_chat", "embed", "count_tokens"}
@@ -161,6 +164,8 @@ def _claim(rt: FleetRuntime, verified: VerifiedRequest) -> ClaimOutcome:
 
     A copy delivered while the first is still running (or right after its worker died) must neither run the
     work twice nor be dropped: it answers with the first one's result, or takes over an abandoned lease.
+    A holder without a heartbeat is dead: its lease is taken over at once, so recovery never waits out a lease
+    longer than the request's deadline.
     """
     security = rt.settings.security
     memory_s = max(security.replay_memory_s, verified.time_left_s() + security.leeway_s)
@@ -168,6 +173,10 @@ def _claim(rt: FleetRuntime, verified: VerifiedRequest) -> ClaimOutcome:
         outcome = rt.ledger.claim(verified.request_id, verified.token_digest, rt.holder, memory_s=memory_s)
         if outcome.status is not ClaimStatus.HELD or verified.time_left_s() <= 0:
             return outcome
+        held_by = outcome.holder or ""
+        if held_by != rt.holder and rt.ledger.take_over_if_dead(verified.request_id, held_by, rt.holder):
+            log.warning("took over the lease of %s from a dead worker", verified.request_id)
+            return ClaimOutcome(ClaimStatus.TAKEN, holder=rt.holder, lease_left_s=rt.settings.lease_s)
         time.sleep(min(_HELD_POLL_S, max(0.01, outcome.lease_left_s or _HELD_POLL_S)))
 
 
@@ -183,8 +192,15 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     lane's delivery limit the caller is told (``fleet_dead_lettered``) and the message is kept in the
     dead-letter queue; nothing loops forever.
     """
-    count = rt.count_hand_back(verified.request_id, ttl_s=verified.time_left_s() + rt.settings.security.leeway_s)
-    if count > rt.settings.lanes.delivery_limit:
+    key = rt.keys.hand_backs(verified.request_id)
+    if why.tried:
+        count = rt.count_hand_back(verified.request_id, ttl_s=verified.time_left_s() + rt.settings.security.leeway_s)
+    else:  # handed back untried: not the request's fault, not counted (its deadline bounds it)
+        count = int(rt.redis.get(key) or 0)
+    # RabbitMQ counts every return of the message (x-delivery-count), hand-back or not: the worker dead-letters
+    # (and tells the caller) before the queue's own limit would dead-letter it silently.
+    deliveries = _delivery_count(task)
+    if count > rt.settings.lanes.delivery_limit or deliveries + 1 >= rt.settings.lanes.delivery_limit + QUEUE_MARGIN:
         envelope = rt.codec.error(
             verified,
             FleetError(
@@ -194,9 +210,17 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
         )
         log.warning("dead-lettering %s after %d hand-backs", verified.request_id, count - 1)
         if not rt.amqp:  # RabbitMQ dead-letters a rejected message itself; a Redis lane needs it copied
-            task.app.send_task(task.name, args=[raw], task_id=verified.request_id, queue=dead_letter_queue_for(rt).name)
+            task.app.send_task(
+                task.name,
+                args=[raw],
+                task_id=verified.request_id,
+                queue=dead_letter_queue_for(rt).name,
+                headers={DEAD_LETTER_REASON_HEADER: DELIVERY_LIMIT_REASON, DEAD_LETTER_SOURCE_HEADER: verified.lane},
+            )
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
         task.backend.mark_as_failure(verified.request_id, FleetTaskError(envelope), request=task.request)
+        if verified.operation == "stream_chat":  # its reader stops at this error instead of its deadline
+            stream_writer(rt, verified).error(envelope)
         raise Reject(str(why), requeue=False)
     rt.ledger.release(verified.request_id, rt.holder)
     HAND_BACKS.labels(instance=str(getattr(why, "instance", "-"))).inc()
@@ -206,6 +230,17 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     worker_fleet().reconcile()
     time.sleep(min(_HAND_BACK_PAUSE_S, max(0.0, verified.time_left_s()) / 10))
     raise Reject(str(why), requeue=True)
+
+
+def _delivery_count(task: Task[Any, Any]) -> int:
+    """How many times RabbitMQ returned this message to its lane before (its ``x-delivery-count`` header)."""
+    value = task.request.get("x-delivery-count")
+    if value is None:
+        value = (getattr(task.request, "headers", None) or {}).get("x-delivery-count")
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _replay_stored(rt: FleetRuntime, stored: Any) -> dict[str, Any]:
@@ -251,8 +286,21 @@ def _run_on_instance(verified: VerifiedRequest, run: Runner) -> dict[str, Any]:
 
 def _retrying(rt: FleetRuntime, verified: VerifiedRequest, served: ServedInstance, call: Callable[[float], Any]) -> Any:
     settings = rt.settings
+    failed_attempts = 0
+
+    def attempt(time_left_s: float) -> Any:
+        # A blip seen by one request's retries must not open the circuit: its first failure counts, its next
+        # ones only once it alone has failed ``circuit_failure_threshold`` times (the instance keeps failing).
+        nonlocal failed_attempts
+        counts = failed_attempts == 0 or failed_attempts >= settings.circuit_failure_threshold - 1
+        try:
+            return served.guarded(call, time_left_s, count_failure=counts)
+        except ProviderError as exc:
+            failed_attempts += int(exc.retryable)
+            raise
+
     return call_with_retries(
-        lambda time_left_s: served.guarded(call, time_left_s),
+        attempt,
         deadline=verified.expires_at_epoch,
         base_delay_s=settings.retry_base_delay_s,
         max_delay_s=settings.retry_max_delay_s,
@@ -317,26 +365,33 @@ def run_embed(verified: VerifiedRequest, served: ServedInstance) -> dict[str, An
     return {"result": data, "usage": data.get("usage"), "metadata": {"instance": served.name}}
 
 
+def stream_writer(rt: FleetRuntime, verified: VerifiedRequest) -> StreamWriter:
+    """The writer of a request's Redis Stream."""
+    return StreamWriter(
+        rt.redis,
+        rt.keys.stream(verified.request_id),
+        max_len=rt.settings.stream_max_len,
+        retention_s=rt.settings.stream_retention_s,
+        cancel_key=rt.keys.cancel(verified.request_id),
+        sealer=rt.stream_sealer(verified.request_id),
+    )
+
+
 def stream_chat_runner(task: Task[Any, Any]) -> Runner:
     """A runner that relays chunks into the task's Redis Stream and returns the assembled message."""
 
     def run(verified: VerifiedRequest, served: ServedInstance) -> dict[str, Any]:
         rt = runtime()
         request = ChatRequest.model_validate(verified.params)
-        writer = StreamWriter(
-            rt.redis,
-            rt.keys.stream(verified.request_id),
-            max_len=rt.settings.stream_max_len,
-            retention_s=rt.settings.stream_retention_s,
-            cancel_key=rt.keys.cancel(verified.request_id),
-            sealer=rt.stream_sealer(verified.request_id),
-        )
+        writer = stream_writer(rt, verified)
         attempts = 0
+        # A redelivered request (its worker died mid-stream) finds that worker's chunks: mark them superseded.
+        resumed = bool(rt.redis.exists(rt.keys.stream(verified.request_id)))
 
         def one_attempt(time_left_s: float) -> dict[str, Any]:
             nonlocal attempts
             attempts += 1
-            if attempts > 1:
+            if attempts > 1 or resumed:
                 writer.reset(attempts)
             accumulator = StreamAccumulator()
             first = True

@@ -19,6 +19,7 @@ to its own lane unchanged. The returned ``FleetResult.get()`` opens the response
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
 from provider.protocol.errors import RESPONSE_FORGED, EnvelopeError, as_fleet_error
@@ -149,14 +151,33 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
     lane: str | None = None
     operation: str | None = None
 
+    def __del__(self) -> None:
+        """Celery unsubscribes from the result here; with the result store down that fails: nothing to do then."""
+        with contextlib.suppress(Exception):  # garbage collection must never raise
+            super().__del__()
+
     def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
-        """The opened response; waits at most until the request's deadline (plus a short grace)."""
-        if timeout is None and self.deadline is not None:
-            timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
-        until = time.monotonic() + (timeout if timeout is not None else runtime().settings.timeouts.longest_s)
+        """The opened response; waits at most until the request's deadline (plus a short grace).
+
+        A result made from an id alone (``chat.AsyncResult(id)``, not from ``delay`` here) does not know its
+        deadline: it waits at most the longest deadline of any operation (``timeouts.longest_s``), never for ever.
+        While the result store is unreachable it raises ``FleetError`` ``fleet_result_unavailable`` (retryable).
+        """
+        if timeout is None:
+            if self.deadline is not None:
+                timeout = max(0.0, self.deadline - time.time()) + _RESULT_GRACE_S
+            else:
+                timeout = runtime().settings.timeouts.longest_s + _RESULT_GRACE_S
+        until = time.monotonic() + timeout
         candidate: Any = None
         try:
             candidate = super().get(timeout=timeout, propagate=True, **kwargs)
+        except (RedisError, OperationalError) as exc:
+            raise _result_unavailable(exc) from None
+        except RuntimeError as exc:  # Celery's result consumer after its connection broke
+            if isinstance(exc.__cause__ or exc.__context__, RedisError) or "restarted" in str(exc):
+                raise _result_unavailable(exc) from None
+            # anything else: no answer a worker signed yet; look for one below
         except CeleryTimeoutError:
             raise FleetError("no result before the request's deadline", code="fleet_timeout", retryable=True) from None
         except FleetTaskError as exc:
@@ -204,9 +225,19 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
             outcome = rt.ledger.lookup(self.id)
         except ValueError:  # a record that is not JSON: not the worker's
             outcome = None
+        except RedisError as exc:
+            raise _result_unavailable(exc) from None
         if outcome is not None and outcome.result is not None:
             found.append(outcome.result)
         return found
+
+
+def _result_unavailable(exc: BaseException) -> FleetError:
+    return FleetError(
+        f"the result store is unreachable ({type(exc).__name__}); try get() again",
+        code="fleet_result_unavailable",
+        retryable=True,
+    )
 
 
 class FleetGroupResult:
@@ -254,7 +285,8 @@ class FleetTask(Task):  # type: ignore[type-arg]
     ) -> FleetResult | FleetGroupResult:
         """Publish one signed envelope (or one per instance for a management call to ``all``).
 
-        Every refusal is a ``FleetError`` with a code (a protocol refusal keeps its own, e.g. ``token_lifetime``).
+        Every refusal is a ``FleetError`` with a code (a protocol refusal keeps its own, e.g. ``token_lifetime``;
+        Redis unreachable is ``fleet_publish_failed``).
         """
         try:
             if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
@@ -270,11 +302,32 @@ class FleetTask(Task):  # type: ignore[type-arg]
             raise
         except EnvelopeError as exc:
             raise as_fleet_error(exc) from None
+        except RedisError as exc:
+            raise FleetError(
+                f"could not publish: Redis unreachable ({type(exc).__name__})",
+                code="fleet_publish_failed",
+                retryable=True,
+            ) from None
 
     def submit(
         self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
     ) -> FleetResult | FleetGroupResult:
-        """Build, route, sign and publish; the producer API behind ``delay``."""
+        """Build, route, sign and publish; the producer API behind ``delay``.
+
+        With Redis (registry or broker) unreachable it raises ``FleetError`` ``fleet_publish_failed`` at once.
+        """
+        try:
+            return self._submit(producer=producer, options=options, **kwargs)
+        except RedisError as exc:
+            raise FleetError(
+                f"could not publish: Redis unreachable ({type(exc).__name__})",
+                code="fleet_publish_failed",
+                retryable=True,
+            ) from None
+
+    def _submit(
+        self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> FleetResult | FleetGroupResult:
         rt = runtime()
         fleet = {k: kwargs.pop(k) for k in FLEET_OPTIONS if k in kwargs}
         operation = self.operation

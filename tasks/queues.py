@@ -31,6 +31,7 @@ FLEET_EXCHANGE = "llm.fleet"
 DEAD_LETTER_EXCHANGE = "llm.fleet.dlx"
 CONTROL_QUEUE = "llm.fleet.control"
 _MANAGEMENT_PREFIX = "llm.fleet.mgmt."
+QUEUE_DELIVERY_LIMIT_MARGIN = 3
 
 
 def broker_is_amqp(broker_url: str) -> bool:
@@ -50,7 +51,11 @@ def _amqp_lane_arguments(lanes: LaneSettings) -> dict[str, Any]:
         "x-overflow": "reject-publish",
         "x-message-ttl": int(lanes.message_ttl_s * 1000),
         "x-max-length": int(lanes.max_length),
-        "x-delivery-limit": int(lanes.delivery_limit),
+        # Above the workers' own hand-back limit: a worker dead-letters a request itself at its limit and tells
+        # its caller (fleet_dead_lettered); RabbitMQ also counts returns that are not hand-backs (a consumer
+        # cancelled while its instance's circuit opened, a worker that died), and would otherwise dead-letter
+        # first, silently. The queue's limit stays as a backstop for a message that kills every worker.
+        "x-delivery-limit": int(lanes.delivery_limit) + QUEUE_DELIVERY_LIMIT_MARGIN,
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
         "x-dead-letter-routing-key": lanes.dead_letter_queue,
         "x-dead-letter-strategy": "at-least-once",

@@ -193,6 +193,13 @@ def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRunti
             code="no_fleet_queue",
             retryable=False,
         )
+    eligible = [o for o in eligible if o.status != "degraded"]  # an open circuit: route elsewhere or fail fast
+    if not eligible:
+        raise FleetError(
+            f"every instance serving {model!r} has an open circuit; try again shortly",
+            code="fleet_unavailable",
+            retryable=True,
+        )
     style = rt.settings.lanes.style
     if usage == "embedding":
         chosen = eligible[0]

@@ -26,6 +26,7 @@ from tasks.streams import EntrySealer
 __all__ = ["FleetRuntime", "configure", "runtime"]
 
 _KOMBU_PRIORITY_SEP = "\x06\x16"
+_BROKER_CHECK_TIMEOUT_S = 1.0
 _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 
 
@@ -85,8 +86,12 @@ class FleetRuntime:
 
     @cached_property
     def broker_redis(self) -> Redis:
-        """The broker itself, when it is Redis (lane depth checks)."""
-        return Redis.from_url(self.settings.broker_url)
+        """The broker itself, when it is Redis (lane depth checks): short timeouts, so an outage fails fast."""
+        return Redis.from_url(
+            self.settings.broker_url,
+            socket_connect_timeout=_BROKER_CHECK_TIMEOUT_S,
+            socket_timeout=_BROKER_CHECK_TIMEOUT_S,
+        )
 
     def lane_depth(self, lane: str) -> int:
         """Messages waiting in a Redis lane, over kombu's per-priority lists."""

@@ -35,7 +35,7 @@ from provider.protocol import OperationNotAllowedError
 from provider.settings import InstanceSettings
 from provider.vllm.client import VllmClient
 from provider.vllm.discovery import discover_offerings, instances_to_serve, no_instances_reason
-from provider.vllm.errors import ProviderError
+from provider.vllm.errors import ProviderError, ProviderTimeoutError
 from tasks.event_bus import EventBus, events_bus_for
 from tasks.logs import install
 from tasks.metrics import CIRCUIT_OPEN, CIRCUIT_VALUES, IN_FLIGHT, serve_metrics
@@ -47,12 +47,22 @@ __all__ = ["FleetConsumerStep", "HandBack", "ServedInstance", "WorkerFleet", "wo
 
 log = logging.getLogger("tasks.worker")
 _T = TypeVar("_T")
+_UNACKED_INDEX_KEY = "unacked_index"  # kombu's Redis transport default (transport option unacked_index_key)
 _LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
 _FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
 
 
 class HandBack(Exception):
-    """This worker's instance cannot serve now; the message goes back to its lane for another worker."""
+    """This worker's instance cannot serve now; the message goes back to its lane for another worker.
+
+    ``tried``: the request was sent to the instance and failed. Only such hand-backs count towards the lane's
+    delivery limit (a request that keeps failing is poison); one handed back untried (an open circuit, a lane
+    this worker no longer serves) says nothing about the request and is bounded by its deadline instead.
+    """
+
+    def __init__(self, message: str, *, tried: bool = False) -> None:
+        super().__init__(message)
+        self.tried = tried
 
 
 @dataclass
@@ -93,9 +103,13 @@ class ServedInstance:
             finally:
                 gauge.dec()
 
-    def guarded(self, call: Callable[[float], _T], time_left_s: float) -> _T:
-        """Run one call through the instance's circuit breaker; an open circuit hands the work back."""
-        if not self._known_healthy and not self.health.allow(self.name):
+    def guarded(self, call: Callable[[float], _T], time_left_s: float, *, count_failure: bool = True) -> _T:
+        """Run one call through the instance's circuit breaker; an open circuit hands the work back.
+
+        ``count_failure=False`` (a retry of a request whose earlier attempt already failed) does not count a
+        failure again: a short blip seen by one request's retries does not open the circuit.
+        """
+        if not self._known_healthy and not self.health.allow(self.name, time_left_s):
             raise HandBack(f"the circuit of instance {self.name} is open")
         started = time.monotonic()
         try:
@@ -105,8 +119,14 @@ class ServedInstance:
                 self._succeeded(time.monotonic() - started)
                 raise
             self._known_healthy = False
-            if self.health.record_failure(self.name, exc.code) == "open":
-                raise HandBack(f"instance {self.name} failed {exc.code}; its circuit opened") from exc
+            if isinstance(exc, ProviderTimeoutError) and time_left_s < self.health.probe_min_time_left_s:
+                raise  # cut short by the request's own deadline: it says nothing about the instance
+            if count_failure:
+                circuit = self.health.record_failure(self.name, exc.code)
+            else:
+                circuit = self.health.state(self.name).circuit
+            if circuit == "open":
+                raise HandBack(f"instance {self.name} failed {exc.code}; its circuit opened", tried=True) from exc
             raise
         self._succeeded(time.monotonic() - started)
         return result
@@ -182,6 +202,31 @@ class LeaseKeeper:
         for jti in held:
             self._rt.ledger.renew(jti, self._rt.holder)
 
+    def heartbeat(self) -> None:
+        """Say this worker process is alive (a redelivered copy of its work waits for it while it is)."""
+        self._rt.ledger.heartbeat(self._rt.holder, self._rt.settings.holder_ttl_s)
+
+
+def touch_held_messages(rt: FleetRuntime) -> int:
+    """Redis broker: mark the messages this worker holds (reserved or running) as just delivered.
+
+    kombu gives an unacked message to another worker once it is older than the visibility timeout; touching
+    them keeps a live worker's messages, so that timeout can be short and only a dead worker's messages come
+    back. ``ZADD XX`` never re-adds a message kombu already restored or that was acked.
+    """
+    from celery.worker import state as worker_state
+
+    held = (*worker_state.reserved_requests, *worker_state.active_requests)
+    tags = {str(tag): time.time() for request in held if (tag := _delivery_tag(request)) is not None}
+    if tags:
+        rt.broker_redis.zadd(_UNACKED_INDEX_KEY, tags, xx=True)
+    return len(tags)
+
+
+def _delivery_tag(request: Any) -> object | None:
+    message = getattr(request, "message", None)
+    return getattr(message, "delivery_tag", None)
+
 
 class WorkerFleet:
     """The instances of this worker process and the lanes they serve."""
@@ -219,8 +264,11 @@ class WorkerFleet:
         if self.instances:
             with ThreadPoolExecutor(max_workers=len(self.instances), thread_name_prefix="fleet-discovery") as pool:
                 list(pool.map(self.refresh, list(self.instances)))
+        self.leases.heartbeat()
         for target, name in ((self._beat, "fleet-heartbeat"), (self._renew_leases, "fleet-leases")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if not self.rt.amqp:
+            threading.Thread(target=self._touch_messages, name="fleet-visibility", daemon=True).start()
         threading.Thread(target=self._watch_capacity, name="fleet-capacity", daemon=True).start()
         threading.Thread(target=self._retry_discovery, name="fleet-rediscovery", daemon=True).start()
         return self.queues()
@@ -245,12 +293,30 @@ class WorkerFleet:
             delay_s = min(delay_s * 2, settings.discovery_retry_max_s) if still_missing else settings.discovery_retry_s
 
     def _renew_leases(self) -> None:
-        interval = max(0.05, self.rt.settings.lease_s / 3)
+        """Heartbeat every quarter of ``holder_ttl_s``; renew the leases every third of ``lease_s``."""
+        settings = self.rt.settings
+        interval = max(0.05, min(settings.lease_s / 3, settings.holder_ttl_s / 4))
+        renew_every = max(1, round(settings.lease_s / 3 / interval))
+        rounds = 0
         while not self._stop.wait(interval):
+            rounds += 1
             try:
-                self.leases.renew_all()
+                self.leases.heartbeat()
+                if rounds % renew_every == 0:
+                    self.leases.renew_all()
             except Exception:  # a renewal round must never kill the worker
                 log.exception("lease renewal failed")
+
+    def _touch_messages(self) -> None:
+        """Redis broker: keep this worker's unacked messages from coming back while it is alive."""
+        from celery import current_app
+
+        visibility_s = float(current_app.conf.broker_transport_options.get("visibility_timeout") or 5)
+        while not self._stop.wait(max(0.2, visibility_s / 3)):
+            try:
+                touch_held_messages(self.rt)
+            except Exception:  # the broker may be down: the worker reconnects by itself
+                log.warning("could not touch held messages", exc_info=True)
 
     def refresh(self, name: str) -> list[Offering]:
         """Re-read one instance's models and rewrite its offerings; publish what changed.
@@ -319,6 +385,7 @@ class WorkerFleet:
         with self._reconcile_lock:
             for served in self.instances.values():
                 served.sync_health()
+                self._mark_circuit(served)
                 accepting = served.live and served.accepting()
                 CIRCUIT_OPEN.labels(instance=served.name).set(
                     CIRCUIT_VALUES.get(served.health.state(served.name).circuit, 0)
@@ -329,6 +396,18 @@ class WorkerFleet:
                         self._publish(served, offering, "offering_available" if accepting else "offering_degraded")
                 self._accepting[served.name] = accepting
             self._follow_lanes()
+
+    def _mark_circuit(self, served: ServedInstance) -> None:
+        """Offerings of an instance whose circuit is open read ``degraded`` in the registry (producers route
+        elsewhere or fail fast with ``fleet_unavailable``), and ``available`` again once it half-opens."""
+        if not served.live:
+            return  # discovery marked them unavailable
+        wanted = "degraded" if served.health.state(served.name).circuit == "open" else "available"
+        if all(offering.status == wanted for offering in served.offerings):
+            return
+        served.offerings = [_with_status(offering, wanted) for offering in served.offerings]
+        self._register(served)
+        invalidate_route_cache()
 
     def _follow_lanes(self) -> None:
         """Add consumers for new lanes and cancel those no instance here serves any more."""

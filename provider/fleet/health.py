@@ -6,6 +6,8 @@ One hash per instance (``RedisKeys.health``), changed only by Lua scripts, so wo
     ``closed`` (calls flow), ``open`` (calls refused; set after ``failure_threshold`` consecutive failures)
     or ``half_open`` (one probe call granted after ``half_open_after_s``; its success closes the circuit,
     its failure opens it again). A probe that never reports back frees the slot after ``probe_timeout_s``.
+    The probe goes only to a call with at least ``probe_min_time_left_s`` before its deadline: a request
+    about to expire would time out and reopen the circuit whatever the instance's health.
 ``failures``, ``opened_at``, ``probe_until``, ``last_error``
     Consecutive failures, when the circuit opened and until when the granted probe holds the half-open slot
     (epoch seconds from the tracker's clock), and the last failure's error code (a code, never a message).
@@ -32,6 +34,7 @@ from provider.settings import CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_HALF_OPEN_AFTER
 
 __all__ = [
     "DEFAULT_LATENCY_WINDOW",
+    "DEFAULT_PROBE_MIN_TIME_LEFT_S",
     "HEALTH_KEY_TTL_S",
     "MAX_ERROR_CODE_CHARS",
     "CircuitState",
@@ -42,6 +45,7 @@ __all__ = [
 CircuitState = Literal["closed", "open", "half_open"]
 
 DEFAULT_LATENCY_WINDOW: Final = 50
+DEFAULT_PROBE_MIN_TIME_LEFT_S: Final = 5.0
 # A health hash outlives its last update by this long (an instance gone for a day is forgotten).
 HEALTH_KEY_TTL_S: Final = 86_400.0
 MAX_ERROR_CODE_CHARS: Final = 64
@@ -106,7 +110,8 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return circuit
 """
 
-# KEYS[1] health hash; ARGV now, half_open_after_s, probe_timeout_s, ttl_ms. 1 = the call may go ahead.
+# KEYS[1] health hash; ARGV now, half_open_after_s, probe_timeout_s, ttl_ms, time_left_s, probe_min_time_left_s.
+# 1 = the call may go ahead. The probe goes only to a call with time enough left to answer.
 _ALLOW_LUA: Final = """
 local now = tonumber(ARGV[1])
 local rec = redis.call('HMGET', KEYS[1], 'circuit', 'opened_at', 'probe_until')
@@ -118,6 +123,7 @@ elseif circuit == 'half_open' then
 else
   return 1
 end
+if tonumber(ARGV[5]) < tonumber(ARGV[6]) then return 0 end
 redis.call('HSET', KEYS[1], 'circuit', 'half_open', 'probe_until', tostring(now + tonumber(ARGV[3])),
            'updated_at', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -164,6 +170,7 @@ class HealthTracker:
         latency_window: int = DEFAULT_LATENCY_WINDOW,
         latency_threshold_s: float | None = None,
         probe_timeout_s: float | None = None,
+        probe_min_time_left_s: float = DEFAULT_PROBE_MIN_TIME_LEFT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if failure_threshold < 1:
@@ -181,6 +188,7 @@ class HealthTracker:
         self.latency_window = latency_window
         self.latency_threshold_s = latency_threshold_s
         self.probe_timeout_s = half_open_after_s if probe_timeout_s is None else probe_timeout_s
+        self.probe_min_time_left_s = probe_min_time_left_s
         self._clock = clock
         self._ttl_ms = round(max(HEALTH_KEY_TTL_S, 2 * half_open_after_s) * _MS_PER_S)
         self._success = redis_client.register_script(_SUCCESS_LUA)
@@ -199,11 +207,13 @@ class HealthTracker:
             half_open_after_s=settings.circuit_half_open_after_s,
             latency_window=settings.latency_window,
             latency_threshold_s=settings.latency_penalty_threshold_s,
+            probe_min_time_left_s=settings.circuit_probe_min_time_left_s,
             clock=clock,
         )
 
-    def allow(self, instance: str) -> bool:
-        """Whether a call to ``instance`` may go ahead; the one half-open probe goes to exactly one caller."""
+    def allow(self, instance: str, time_left_s: float = float("inf")) -> bool:
+        """Whether a call to ``instance`` may go ahead; the one half-open probe goes to exactly one caller,
+        and only to one with ``probe_min_time_left_s`` or more left before its deadline (``time_left_s``)."""
         reply = self._allow(
             keys=[self._keys.health(instance)],
             args=[
@@ -211,6 +221,8 @@ class HealthTracker:
                 repr(self.half_open_after_s),
                 repr(self.probe_timeout_s),
                 self._ttl_ms,
+                repr(min(float(time_left_s), 1e12)),
+                repr(self.probe_min_time_left_s),
             ],
         )
         return int(cast(int, reply)) == 1

@@ -11,6 +11,11 @@ Keys (all under one prefix given by the caller):
     the canonical JSON ``[scope, idempotency_key]``, scope being ``<caller hash>:<operation>``. Expires after
     its TTL.
 
+``{prefix}:alive:{holder}``
+    A holder's heartbeat: present while the worker process that holds leases is alive (it renews it every
+    second or so, with a short expiry). A redelivered request whose lease is held by a holder without a
+    heartbeat takes the lease over at once instead of waiting out the lease (``take_over_if_dead``).
+
 Lease times come from the Redis server clock, so workers with skewed clocks agree on who holds a jti.
 A claim of a jti answers: ``COMPLETED`` (the same message finished: answer with the stored result), ``HELD``
 (a live holder runs it: do not run it again), ``TAKEN`` (free, handed back, or its holder's lease ran out: the
@@ -126,6 +131,30 @@ end
 return {'FREE'}
 """
 )
+
+# KEYS[1] record, KEYS[2] the current holder's heartbeat key; ARGV current holder, new holder, lease_ms
+_TAKE_OVER_LUA = (
+    _NOW
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'holder')
+if rec[1] ~= 'held' or rec[2] ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'lease_until', now + tonumber(ARGV[3]))
+return 1
+"""
+)
+
+# KEYS[1] record; ARGV error code. Forget a completed record whose stored result is an error with that code.
+_FORGET_ERROR_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'result')
+if rec[1] ~= 'done' or not rec[2] then return 0 end
+local ok, result = pcall(cjson.decode, rec[2])
+if ok and type(result) == 'table' and result['code'] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 # KEYS[1] record; ARGV holder
 _RELEASE_LUA = """
@@ -243,6 +272,8 @@ class JtiLedger:
         self._complete = client.register_script(_COMPLETE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._lookup = client.register_script(_LOOKUP_LUA)
+        self._take_over = client.register_script(_TAKE_OVER_LUA)
+        self._forget_error = client.register_script(_FORGET_ERROR_LUA)
 
     def key(self, jti: str) -> str:
         """The Redis key of a jti's record."""
@@ -271,6 +302,29 @@ class JtiLedger:
         """Store the result (kept at least ``ttl_s``); False, nothing written, unless this holder holds it."""
         payload = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
         return bool(self._complete(keys=[self.key(jti)], args=[holder, payload, _ms(ttl_s)]))
+
+    def alive_key(self, holder: str) -> str:
+        """The Redis key of a holder's heartbeat."""
+        return f"{self._prefix}:alive:{holder}"
+
+    def heartbeat(self, holder: str, ttl_s: float) -> None:
+        """Say this holder is alive for ``ttl_s`` more seconds."""
+        self._redis.set(self.alive_key(holder), "1", px=_ms(ttl_s))
+
+    def holder_alive(self, holder: str) -> bool:
+        """Whether a holder's heartbeat is current."""
+        return bool(self._redis.exists(self.alive_key(holder)))
+
+    def take_over_if_dead(self, jti: str, current_holder: str, holder: str) -> bool:
+        """Take a held lease whose holder has no heartbeat (its worker died); False if it is alive or moved on."""
+        reply = self._take_over(
+            keys=[self.key(jti), self.alive_key(current_holder)], args=[current_holder, holder, self._lease_ms]
+        )
+        return bool(reply)
+
+    def forget_error(self, jti: str, code: str) -> bool:
+        """Forget a jti whose stored result is the error ``code`` (a dead letter being requeued runs again)."""
+        return bool(self._forget_error(keys=[self.key(jti)], args=[code]))
 
     def release(self, jti: str, holder: str) -> bool:
         """Hand the jti back (drop the lease) for a redelivery to take; False unless this holder holds it."""

@@ -754,7 +754,7 @@ def test_redis_command_and_healthcheck(tmp_path: Path) -> None:
             redis.Redis(host="127.0.0.1", port=port).ping()
         client = redis.Redis(host="127.0.0.1", port=port, password=SECRETS["REDIS_PASSWORD"])
         assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
         client.set("ops", "1")
         wait_until(lambda: any(tmp_path.rglob("*.aof")), "an append-only file")
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
