@@ -232,6 +232,12 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
         return found
 
 
+def _publish_failed(exc: BaseException) -> FleetError:
+    return FleetError(
+        f"could not publish: Redis unreachable ({type(exc).__name__})", code="fleet_publish_failed", retryable=True
+    )
+
+
 def _result_unavailable(exc: BaseException) -> FleetError:
     return FleetError(
         f"the result store is unreachable ({type(exc).__name__}); try get() again",
@@ -303,11 +309,7 @@ class FleetTask(Task):  # type: ignore[type-arg]
         except EnvelopeError as exc:
             raise as_fleet_error(exc) from None
         except RedisError as exc:
-            raise FleetError(
-                f"could not publish: Redis unreachable ({type(exc).__name__})",
-                code="fleet_publish_failed",
-                retryable=True,
-            ) from None
+            raise _publish_failed(exc) from None
 
     def submit(
         self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
@@ -319,11 +321,7 @@ class FleetTask(Task):  # type: ignore[type-arg]
         try:
             return self._submit(producer=producer, options=options, **kwargs)
         except RedisError as exc:
-            raise FleetError(
-                f"could not publish: Redis unreachable ({type(exc).__name__})",
-                code="fleet_publish_failed",
-                retryable=True,
-            ) from None
+            raise _publish_failed(exc) from None
 
     def _submit(
         self, *, producer: Any = None, options: dict[str, Any] | None = None, **kwargs: Any
