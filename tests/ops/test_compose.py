@@ -255,7 +255,7 @@ def test_services_profiles_and_images() -> None:
     assert services["redis"]["image"].startswith("redis:")
     script = command(services["redis"])
     assert script[:2] == ["sh", "-c"]
-    assert script[2].startswith('exec redis-server --appendonly yes --appendfsync everysec --save ""')
+    assert script[2].startswith('exec redis-server --appendonly yes --appendfsync always --save ""')
     assert '--requirepass "${REDIS_PASSWORD}" "$@"' in script[2]  # the password never is an argument of sh
     repository, tag = services["rabbitmq"]["image"].split(":")
     version = tuple(int(part) for part in re.findall(r"\d+", tag)[:2])
