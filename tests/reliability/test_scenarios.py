@@ -219,6 +219,7 @@ def _tree_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
 
 
+@full_only
 def test_load(redis_url: str, fault_security: SecuritySettings) -> None:
     """Many short chats and concurrent streams against one worker of two processes: none lost or duplicated,
     latency percentiles, worker memory before and after, lanes drained."""
