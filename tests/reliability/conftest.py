@@ -93,6 +93,7 @@ def _live_fleet(broker_url: str, redis_url: str, fault_security: SecuritySetting
         security=fault_security,
         instances={"sim-a": sim.url},
         concurrency=16,
+        circuit_half_open_after_s=1.0,
     )
     use(settings)
     worker = Worker(settings, "rel-a", concurrency=18)
