@@ -14,6 +14,7 @@ from provider.settings import Settings, get_settings
 _BROKER_MARGIN_S = 60.0
 DEFAULT_REDIS_VISIBILITY_TIMEOUT_S = 5.0
 _CONNECT_TIMEOUT_S = 2.0
+_RESTORE_LOCK_S = 3
 _MANAGEMENT_THREADS = 2
 
 
@@ -33,6 +34,9 @@ def build_config(settings: Settings) -> dict[str, Any]:
         transport_options["unacked_restore_interval"] = max(1, min(10, int(visibility_s / 4)))
         transport_options["unacked_restore_throttle"] = 1
         transport_options["socket_connect_timeout"] = _CONNECT_TIMEOUT_S  # a broker outage fails publishes fast
+        # kombu's restore scan holds a lock (default 300 s): a worker SIGKILLed while holding it stopped every
+        # restore for five minutes. Concurrent scans are safe (each restore is a WATCHed transaction).
+        transport_options["unacked_mutex_expire"] = _RESTORE_LOCK_S
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,

@@ -38,7 +38,8 @@ class LiveFleet:
 
 @pytest.fixture(scope="session")
 def fault_security() -> SecuritySettings:
-    return generated_security(kid="rel-k1", encryption_kid="rel-e1")
+    # Scenarios ask for deadlines beyond the harness's short default timeouts: tokens may live two minutes.
+    return generated_security(kid="rel-k1", encryption_kid="rel-e1").model_copy(update={"max_token_lifetime_s": 120.0})
 
 
 def use(settings: Settings) -> None:
@@ -93,6 +94,7 @@ def _live_fleet(broker_url: str, redis_url: str, fault_security: SecuritySetting
         security=fault_security,
         instances={"sim-a": sim.url},
         concurrency=16,
+        circuit_half_open_after_s=1.0,
     )
     use(settings)
     worker = Worker(settings, "rel-a", concurrency=18)

@@ -132,6 +132,7 @@ class PrivateRabbit:
         self.dist_port = free_port()
         self.name = f"vft{os.getpid()}x{self.port}@localhost"
         self.dir = tempfile.mkdtemp(prefix="vft-rabbit-")
+        os.chmod(self.dir, 0o777)  # noqa: S103 - rabbitmq-server started as root runs as the rabbitmq user
         self.env = {
             **os.environ,
             "RABBITMQ_NODENAME": self.name,
@@ -141,10 +142,12 @@ class PrivateRabbit:
             "RABBITMQ_LOG_BASE": f"{self.dir}/log",
             "RABBITMQ_PID_FILE": f"{self.dir}/pid",
             "RABBITMQ_ENABLED_PLUGINS_FILE": f"{self.dir}/enabled_plugins",
-            "RABBITMQ_SERVER_START_ARGS": "-rabbitmq_management listener [{port,0}]",
+            "RABBITMQ_CONFIG_FILE": f"{self.dir}/rabbitmq.conf",  # not the host's (it names port 5672)
         }
         with open(f"{self.dir}/enabled_plugins", "w") as plugins:
             plugins.write("[].\n")
+        with open(f"{self.dir}/rabbitmq.conf", "w") as config:
+            config.write(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
 
     @property
     def url(self) -> str:
@@ -161,12 +164,9 @@ class PrivateRabbit:
         if result.returncode != 0:
             raise RuntimeError(f"private RabbitMQ node did not start: {result.stderr.strip()[:300]}")
 
-    def stop_app(self) -> None:
-        self._ctl("stop_app")
-
-    def start_app(self) -> None:
-        self._ctl("start_app")
-        wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() is None, 60, "rabbit up")
+    def stop(self) -> None:
+        """Stop the node (its data stays: durable quorum queues and persistent messages survive)."""
+        self._ctl("stop", timeout_s=60)
 
     def close(self) -> None:
         self._ctl("stop", timeout_s=60)

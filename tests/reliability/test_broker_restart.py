@@ -14,7 +14,7 @@ import pytest
 
 from provider.protocol import FleetError
 from provider.settings import SecuritySettings
-from tests.reliability.harness import PrivateRedis, Tally, full, sized
+from tests.reliability.harness import PrivateRabbit, PrivateRedis, Tally, full, sized
 from tests.reliability.scenarios import Calls, stage, typed_only
 
 
@@ -81,3 +81,57 @@ def test_redis_broker_restart_mid_load(aof: bool, redis_url: str, fault_security
                 assert tally.errors["fleet_timeout"] <= 2, tally.row()
     finally:
         broker.close()
+
+
+def test_rabbitmq_node_restart_mid_load(redis_url: str, fault_security: SecuritySettings) -> None:
+    """A second RabbitMQ node of the test's own (name, ports, data, logs, config) is stopped and started again."""
+    if not full():
+        pytest.skip("full profile only (make reliability)")
+    from tasks import chat
+
+    node = PrivateRabbit()
+    node.start()
+    tally = Tally("RabbitMQ node restart mid-load")
+    total = sized(40, 400)
+    try:
+        with stage(redis_url, node.url, fault_security, sims={"sim-a": {"ttft_s": 1.0}}) as fleet:
+            calls = Calls(tally, pool_size=total)
+            for _ in range(total // 2):
+                calls.chat(timeout_s=60)
+                time.sleep(0.05)
+            node.stop()
+            down_at = time.monotonic()
+            refused: dict[str, int] = {}
+            refusal_s: list[float] = []
+            for _ in range(5):
+                started = time.monotonic()
+                try:
+                    chat.delay(model="qwen3-6-27b", messages=[{"role": "user", "content": "outage"}])
+                except FleetError as exc:
+                    refused[exc.code] = refused.get(exc.code, 0) + 1
+                refusal_s.append(time.monotonic() - started)
+            node.start()
+            restarted_at = time.monotonic()
+            probe = calls.chat(timeout_s=60, prefix="first after restart")
+            calls.futures[probe][0].result(timeout=90)
+            tally.recover_s = time.monotonic() - restarted_at
+            for _ in range(total // 2 - 1):
+                calls.chat(timeout_s=60)
+                time.sleep(0.05)
+            calls.collect(margin_s=5)
+            tally.duplicated = fleet.sims["sim-a"].duplicated(calls.prompts)
+            worker_alive = all(worker.alive() for worker in fleet.workers)
+            tally.notes.update(
+                outage_s=round(restarted_at - down_at, 2),
+                refused_at_publish=refused,
+                slowest_refusal_s=round(max(refusal_s), 2),
+                worker_survived=worker_alive,
+            )
+            tally.report()
+            assert worker_alive
+            assert set(refused) == {"fleet_publish_failed"}
+            assert typed_only(tally), tally.row()
+            assert tally.ok == tally.submitted, tally.row()
+            assert tally.duplicated == 0
+    finally:
+        node.close()

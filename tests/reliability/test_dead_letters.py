@@ -24,7 +24,7 @@ def test_poison_is_dead_lettered_listed_with_its_reason_and_requeue_runs_it(
     live_fleet: LiveFleet = request.getfixturevalue(fleet_fixture)
     drop_dead_letters()
     health = HealthTracker.from_settings(live_fleet.state, live_fleet.settings)
-    prompts = [f"poison-{i}-{uuid.uuid4().hex[:6]}" for i in range(live_fleet.settings.circuit_failure_threshold)]
+    prompts = [f"poison-{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
     # The instance fails every chat: its circuit opens, and the requests' hand-backs reach the lane's limit.
     live_fleet.sim.configure(failures=[{"route": "chat", "mode": "status", "status": 500, "count": -1}])
     try:
