@@ -23,7 +23,7 @@ from tests.conftest import (
     flush_test_databases,
     require_server,
 )
-from tests.reliability.harness import CountingSimulator, Worker, fault_settings, simulator_config, wait_until
+from tests.reliability.harness import CountingSimulator, Worker, fault_settings, full, simulator_config, wait_until
 
 
 @dataclass
@@ -105,3 +105,14 @@ def _live_fleet(broker_url: str, redis_url: str, fault_security: SecuritySetting
         worker.stop()
         sim.stop()
         flush_test_databases(redis_url)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside the full profile (``make reliability``), full-profile scenarios are deselected, not skipped."""
+    if full():
+        return
+    kept = [item for item in items if item.get_closest_marker("full_profile") is None]
+    dropped = [item for item in items if item.get_closest_marker("full_profile") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

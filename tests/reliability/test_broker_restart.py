@@ -14,14 +14,14 @@ import pytest
 
 from provider.protocol import FleetError
 from provider.settings import SecuritySettings
-from tests.reliability.harness import PrivateRabbit, PrivateRedis, Tally, full, sized
+from tests.reliability.harness import PrivateRabbit, PrivateRedis, Tally, sized
 from tests.reliability.scenarios import Calls, stage, typed_only
 
 
-@pytest.mark.parametrize("aof", [True, False], ids=["aof", "no-persistence"])
+@pytest.mark.parametrize(
+    "aof", [True, pytest.param(False, marks=pytest.mark.full_profile)], ids=["aof", "no-persistence"]
+)
 def test_redis_broker_restart_mid_load(aof: bool, redis_url: str, fault_security: SecuritySettings) -> None:
-    if not aof and not full():
-        pytest.skip("full profile only (make reliability)")
     broker = PrivateRedis(aof=aof)
     broker.start()
     tally = Tally(f"Redis broker restart mid-load ({'AOF' if aof else 'no persistence'})")
@@ -83,10 +83,9 @@ def test_redis_broker_restart_mid_load(aof: bool, redis_url: str, fault_security
         broker.close()
 
 
+@pytest.mark.full_profile
 def test_rabbitmq_node_restart_mid_load(redis_url: str, fault_security: SecuritySettings) -> None:
     """A second RabbitMQ node of the test's own (name, ports, data, logs, config) is stopped and started again."""
-    if not full():
-        pytest.skip("full profile only (make reliability)")
     from tasks import chat
 
     node = PrivateRabbit()

@@ -16,10 +16,10 @@ import pytest
 from provider.protocol import FleetError
 from provider.settings import LaneSettings, SecuritySettings
 from tests.conftest import BROKER_DB
-from tests.reliability.harness import CHAT_MODEL, Tally, full, sized, wait_until
+from tests.reliability.harness import CHAT_MODEL, Tally, sized, wait_until
 from tests.reliability.scenarios import Calls, stage, typed_only
 
-full_only = pytest.mark.skipif(not full(), reason="full profile only (make reliability)")
+full_only = pytest.mark.full_profile  # deselected outside `make reliability` (tests/reliability/conftest.py)
 
 
 def _stream_text(prompt: str, timeout_s: float) -> tuple[str, int]:

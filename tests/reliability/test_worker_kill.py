@@ -25,19 +25,15 @@ from tests.reliability.harness import (
     caller_pool,
     collect,
     fault_settings,
-    full,
     simulator_config,
     sized,
     wait_until,
 )
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.full_profile)])
 def test_worker_sigkill_mid_load(broker: str, redis_url: str, fault_security: SecuritySettings, request: Any) -> None:
     from tasks import chat
-
-    if broker == "rabbitmq" and not full():
-        pytest.skip("full profile only (make reliability): the short profile kills a worker on Redis")
 
     total = sized(24, 200)
     timeout_s = 14.0  # shorter than the default lease (15 s): recovery must not wait it out
