@@ -380,7 +380,17 @@ def guard_redis_transport() -> bool:
             raise connection_error("the broker connection of this channel was closed")
         return original_connparams(self, *args, **kwargs)
 
+    original_restore_once = redis_transport.QoS.restore_unacked_once
+
+    def restore_unacked_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """At exit, a channel whose connection was closed restores nothing: its unacked messages stay in Redis's
+        unacked set, and the visibility timeout hands them to a live worker."""
+        if getattr(self.channel.connection, "client", None) is None:
+            return None
+        return original_restore_once(self, *args, **kwargs)
+
     redis_transport.loads = loads
+    redis_transport.QoS.restore_unacked_once = restore_unacked_once
     redis_transport.Channel.Message = GuardedMessage
     redis_transport.Transport._deliver = _deliver
     redis_transport.Channel._deliver_fanout_message = _deliver_fanout_message
