@@ -513,7 +513,7 @@ def worker_fleet() -> WorkerFleet:
     return _fleet
 
 
-WORKER_MODULES = ("tasks.execution", "tasks.management")
+WORKER_MODULES = ("tasks.pipeline", "tasks.execution", "tasks.management")
 
 
 class FleetConsumerStep(bootsteps.StartStopStep):
