@@ -51,7 +51,6 @@ from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TOKENS
 from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
-from tasks.queues import dead_letter_queue
 from tasks.redaction import describe_exception
 from tasks.runtime import FleetRuntime, runtime
 from tasks.streams import StreamWriter
@@ -380,12 +379,12 @@ def hand_back(ctx: RequestContext, why: HandBack) -> NoReturn:
             ),
         )
         log.warning("dead-lettering %s after %d hand-backs", verified.request_id, count - 1)
-        if not rt.amqp:  # RabbitMQ dead-letters a rejected message itself; a Redis lane needs it copied
+        if not rt.broker.dead_letters_rejected:  # RabbitMQ dead-letters a rejected message; Redis needs a copy
             task.app.send_task(
                 task.name,
                 args=[ctx.raw],
                 task_id=verified.request_id,
-                queue=dead_letter_queue(rt.settings.lanes, rt.amqp).name,
+                queue=rt.broker.dead_letter_queue().name,
                 headers={DEAD_LETTER_REASON_HEADER: DELIVERY_LIMIT_REASON, DEAD_LETTER_SOURCE_HEADER: verified.lane},
             )
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)

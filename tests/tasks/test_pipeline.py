@@ -107,7 +107,7 @@ def bench(redis_url: str, session_prefix: str, simulator: SimulatorServer) -> It
     lane = next(o.lane(settings.lanes.style) for o in served.offerings if o.model == CHAT_MODEL)
     app = Celery("pipeline-bench", backend=settings.result_backend, set_as_current=False)
 
-    @app.task(name="vllm.chat", bind=True)
+    @app.task(name="vllm.chat", bind=True, shared=False)
     def chat(self: Task[Any, Any], envelope: dict[str, Any]) -> None:  # a task object: its body never runs
         raise AssertionError("not run")
 
