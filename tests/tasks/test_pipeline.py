@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from provider.fleet.capacity import CapacityGate
 from provider.fleet.health import HealthTracker
@@ -32,6 +32,7 @@ from tasks.pipeline import (
     claim,
     complete,
     fail,
+    hand_back,
     idempotent,
     observe,
     pick_instance,
@@ -94,6 +95,10 @@ def bench(redis_url: str, session_prefix: str, simulator: SimulatorServer) -> It
         simulator.url,
         fleet_security(),
     )
+    dead_letters = f"llm.fleet.dead-pipe-{uuid.uuid4().hex[:6]}"  # this module's own dead-letter list
+    settings = settings.model_copy(
+        update={"lanes": settings.lanes.model_copy(update={"dead_letter_queue": dead_letters})}
+    )
     rt = FleetRuntime(settings)
     fleet = WorkerFleet(rt)
     instance = settings.instances["sim-a"]
@@ -105,7 +110,7 @@ def bench(redis_url: str, session_prefix: str, simulator: SimulatorServer) -> It
     served.offerings = discover_offerings(client, instance, settings)
     fleet.instances[instance.name] = served
     lane = next(o.lane(settings.lanes.style) for o in served.offerings if o.model == CHAT_MODEL)
-    app = Celery("pipeline-bench", backend=settings.result_backend, set_as_current=False)
+    app = Celery("pipeline-bench", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
 
     @app.task(name="vllm.chat", bind=True, shared=False)
     def chat(self: Task[Any, Any], envelope: dict[str, Any]) -> None:  # a task object: its body never runs
@@ -114,6 +119,8 @@ def bench(redis_url: str, session_prefix: str, simulator: SimulatorServer) -> It
     yield Bench(rt, fleet, served, chat, lane, simulator)
     client.close()
     fleet.bus.close(timeout_s=1.0)
+    rt.broker.client.delete(dead_letters)  # type: ignore[attr-defined]
+    app.close()
 
 
 @pytest.fixture(autouse=True)
@@ -274,3 +281,32 @@ def test_observe_counts_the_answer_by_lane_operation_and_outcome(bench: Bench) -
     before = counter._value.get()
     observe(ctx, "ok", {"prompt_tokens": 3, "completion_tokens": 2})
     assert counter._value.get() == before + 1
+
+
+def test_hand_back_returns_the_message_to_its_lane_and_releases_the_lease(bench: Bench) -> None:
+    ctx = bench.verified()
+    assert claim(ctx) is None
+    with pytest.raises(Reject) as rejected:
+        hand_back(ctx, HandBack("the circuit of instance sim-a is open"))
+    assert rejected.value.requeue is True
+    again = bench.context(ctx.raw)
+    verify(again)
+    assert claim(again) is None, "the lease was not released for the redelivery"
+
+
+def test_hand_back_past_the_delivery_limit_dead_letters_and_tells_the_caller(bench: Bench) -> None:
+    rt = bench.rt
+    ctx = bench.verified()
+    assert claim(ctx) is None
+    dead_letters = rt.settings.lanes.dead_letter_queue
+    before = rt.broker.lane_depth(dead_letters)
+    for _ in range(rt.settings.lanes.delivery_limit):  # earlier tried hand-backs of this request
+        rt.count_hand_back(ctx.verified.request_id, ttl_s=30)
+    with pytest.raises(Reject) as rejected:
+        hand_back(ctx, HandBack("instance sim-a failed server_error; its circuit opened", tried=True))
+    assert rejected.value.requeue is False
+    assert rt.broker.lane_depth(dead_letters) == before + 1, "a Redis lane needs the dead letter copied"
+    stored = rt.ledger.wait_for_result(ctx.verified.request_id, timeout_s=1.0)
+    assert stored is not None
+    assert stored.result["code"] == "fleet_dead_lettered"
+    assert bench.task.AsyncResult(ctx.verified.request_id).state == "FAILURE"
