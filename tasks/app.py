@@ -7,7 +7,7 @@ from celery import Celery
 import celeryconfig
 from provider.settings import Settings, get_settings
 from tasks import redaction, result_backend, strict_json
-from tasks.queues import control_queues
+from tasks.brokers import broker_for
 
 __all__ = ["app"]
 
@@ -20,8 +20,8 @@ strict_json.install()  # a message body with a duplicate key never decodes (komb
 
 
 def apply_queue_declarations(settings: Settings) -> None:
-    """Declare the control queue the way lanes are declared (see ``tasks.queues.control_queues``)."""
-    app.conf.task_queues = control_queues(settings.lanes, settings.broker_url)
+    """Declare the control queue the way lanes are declared (see ``LaneBroker.control_queues``)."""
+    app.conf.task_queues = broker_for(settings).control_queues()
 
 
 apply_queue_declarations(get_settings())

@@ -277,17 +277,15 @@ def _cmd_lanes(args: argparse.Namespace) -> int:
         if style == "shared":
             found.update(offering.capability_lanes())
     lanes = sorted(found)
-    live = {} if rt.amqp else _live_consumers()
+    live: dict[str, int] | None = None
     table = Table("lane", "waiting", "consumers")
-    for lane in lanes:
-        if rt.amqp:
-            with app.connection_for_write() as conn:
-                channel: Any = conn.default_channel
-                declared = channel.queue_declare(lane, passive=True)
-                waiting, consumers = str(declared.message_count), str(declared.consumer_count)
-        else:
-            waiting, consumers = str(rt.lane_depth(lane)), str(live.get(lane, 0))
-        table.add_row(lane, waiting, consumers)
+    with app.connection_for_write() as conn:
+        for lane in lanes:
+            consumers = rt.broker.lane_consumers(lane, conn)
+            if consumers is None:  # the broker cannot tell: ask the workers (once)
+                live = _live_consumers() if live is None else live
+                consumers = live.get(lane, 0)
+            table.add_row(lane, str(rt.broker.lane_depth(lane, conn)), str(consumers))
     console.print(table)
     return 0
 

@@ -43,7 +43,6 @@ from provider.protocol import EnvelopeError, MalformedError, OperationNotAllowed
 from provider.protocol.envelope import REQUEST_ID_PATTERN
 from tasks.errors import FleetTaskError
 from tasks.metrics import UNDECODABLE_MESSAGES
-from tasks.queues import dead_letter_queue
 from tasks.runtime import runtime
 
 __all__ = [
@@ -208,7 +207,7 @@ class FleetConsumer(Consumer):
     def _publish_dead_letter(self, message: Any, headers: dict[str, Any], reason: str, source: str) -> bool:
         """Publish the raw body and headers to the dead-letter queue; False when the broker would not take it."""
         rt = runtime()
-        queue = dead_letter_queue(rt.settings.lanes, rt.amqp)
+        queue = rt.broker.dead_letter_queue()
         body = _body(message)
         content_type = _text_property(message, "content_type", _PLAIN_CONTENT_TYPE)
         content_encoding = _text_property(message, "content_encoding", _BINARY_ENCODING)

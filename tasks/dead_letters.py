@@ -22,7 +22,6 @@ from provider.protocol import EnvelopeError
 from tasks.app import app
 from tasks.consumer import DEAD_LETTER_REASON_HEADER
 from tasks.producer import is_envelope
-from tasks.queues import dead_letter_queue
 from tasks.runtime import FleetRuntime, runtime
 
 __all__ = ["DeadLetter", "drop_dead_letters", "list_dead_letters", "requeue_dead_letters"]
@@ -83,7 +82,7 @@ def _each(rt: FleetRuntime, decide: Any) -> list[DeadLetter]:
     """Read every dead letter once; ``decide(message)`` returns "keep", "requeue" or "drop"."""
     seen: list[DeadLetter] = []
     with app.connection_for_write() as conn:
-        declaration: Any = dead_letter_queue(rt.settings.lanes, rt.amqp)
+        declaration: Any = rt.broker.dead_letter_queue()
         queue = conn.SimpleQueue(declaration)
         kept: list[Any] = []
         try:

@@ -63,9 +63,9 @@ def chat(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
 @_fleet_task("vllm.stream_chat", "stream_chat")
 def stream_chat(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
     """A chat whose chunks are relayed into Redis as they arrive; the result is the assembled message."""
-    from tasks.execution import execute, stream_chat_runner
+    from tasks.execution import execute, run_stream
 
-    return execute(self, envelope, stream_chat_runner(self))
+    return execute(self, envelope, run_stream)
 
 
 @_fleet_task("vllm.embed", "embed")

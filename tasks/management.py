@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from provider.protocol import VerifiedRequest
 from provider.vllm.errors import ProviderError
-from tasks.worker import ServedInstance, worker_fleet
+from tasks.pipeline import RequestContext
 
 __all__ = ["run_management"]
 
 
-def run_management(verified: VerifiedRequest, served: ServedInstance) -> dict[str, Any]:
+def run_management(ctx: RequestContext) -> dict[str, Any]:
     """Run one management operation on the named instance."""
+    served = ctx.served
     client = served.client
-    params = verified.params
-    operation = verified.operation
+    params = ctx.verified.params
+    operation = ctx.verified.operation
     answer: Any
     if operation == "health":
         answer = {"live": client.health()}
@@ -48,10 +48,10 @@ def run_management(verified: VerifiedRequest, served: ServedInstance) -> dict[st
         answer = client.wake_up(tags=params.get("tags"))
         # vLLM says "awake" even when only some parts woke (tags=weights): report whether it still sleeps
         answer["is_sleeping"] = client.is_sleeping()
-        worker_fleet().refresh(served.name)  # a server that slept through discovery offers its models now
+        ctx.fleet.refresh(served.name)  # a server that slept through discovery offers its models now
     elif operation == "discover":
         # live=False answers with the cached view, without touching the network
-        offerings = worker_fleet().refresh(served.name) if params.get("live", True) else served.offerings
+        offerings = ctx.fleet.refresh(served.name) if params.get("live", True) else served.offerings
         answer = {"offerings": [o.offering_id for o in offerings], "live": served.live}
     else:  # the envelope's operation list and these branches are kept in step by a test
         raise ValueError(f"unknown management operation {operation}")

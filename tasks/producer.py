@@ -62,7 +62,6 @@ FLEET_OPTIONS = (
 )
 _RESULT_GRACE_S = 2.0
 _AUTHENTIC_POLL_S = 0.05
-_REDIS_LOWEST_PRIORITY = 9  # kombu's Redis transport serves 0 first: AMQP priorities are inverted there
 _MANAGEMENT = MANAGEMENT_OPERATIONS
 
 
@@ -384,12 +383,9 @@ class FleetTask(Task):  # type: ignore[type-arg]
         # Flower and task events show these instead of the arguments: ids only, never payload or token.
         options["argsrepr"] = envelope_summary(envelope)
         options["kwargsrepr"] = "{}"
-        if not rt.amqp:
-            options["priority"] = _REDIS_LOWEST_PRIORITY - int(options.get("priority", 5))
+        rt.broker.publish_options(options, timeout_s)
         if timeout_s:
             options.setdefault("expires", timeout_s)
-            if rt.amqp:
-                options.setdefault("expiration", timeout_s)
         try:
             result = super().apply_async((envelope,), {}, task_id=envelope["request_id"], producer=producer, **options)
         except Exception as exc:
@@ -440,7 +436,7 @@ def _check_lane_room(rt: FleetRuntime, lane: str) -> None:
     is not asked again for ``_ROOM_RECHECK_S``: one producer never overshoots the bound, and the depth query (a
     round trip) leaves the hot path. Concurrent producers may still overshoot it by a few (the bound is soft).
     """
-    if rt.amqp:
+    if rt.broker.bounds_lanes:
         return
     limit = rt.settings.lanes.max_length
     now = time.monotonic()

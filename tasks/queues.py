@@ -20,8 +20,6 @@ __all__ = [
     "CONTROL_QUEUE",
     "DEAD_LETTER_EXCHANGE",
     "FLEET_EXCHANGE",
-    "broker_is_amqp",
-    "control_queues",
     "dead_letter_queue",
     "lane_queue",
     "management_queue_name",
@@ -32,11 +30,6 @@ DEAD_LETTER_EXCHANGE = "llm.fleet.dlx"
 CONTROL_QUEUE = "llm.fleet.control"
 _MANAGEMENT_PREFIX = "llm.fleet.mgmt."
 QUEUE_DELIVERY_LIMIT_MARGIN = 3
-
-
-def broker_is_amqp(broker_url: str) -> bool:
-    """Whether the broker speaks AMQP (RabbitMQ) rather than Redis."""
-    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
 def management_queue_name(instance_slug: str) -> str:
@@ -79,12 +72,6 @@ def lane_queue(name: str, lanes: LaneSettings, amqp: bool) -> Queue:
         queue_arguments=_amqp_lane_arguments(lanes),
         consumer_arguments={"x-priority": int(lanes.consumer_priority)},
     )
-
-
-def control_queues(lanes: LaneSettings, broker_url: str) -> list[Queue]:
-    """The queues every worker consumes before it knows its lanes (declared as lanes are, so on RabbitMQ
-    Celery sees a quorum queue at start and turns off global QoS, which quorum queues refuse)."""
-    return [lane_queue(CONTROL_QUEUE, lanes, broker_is_amqp(broker_url))]
 
 
 def dead_letter_queue(lanes: LaneSettings, amqp: bool) -> Queue:

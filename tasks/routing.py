@@ -21,9 +21,9 @@ from provider.fleet.lanes import estimate_tokens, needed_context, slug
 from provider.fleet.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
 from provider.fleet.registry import CachedRegistry
 from provider.protocol import FleetError
-from tasks.event_bus import AmqpEventReader, read_events
+from tasks.brokers import EventReader
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
-from tasks.queues import CONTROL_QUEUE, lane_queue, management_queue_name
+from tasks.queues import CONTROL_QUEUE, management_queue_name
 from tasks.runtime import FleetRuntime, runtime
 
 __all__ = [
@@ -70,20 +70,12 @@ def _follow_events(rt: FleetRuntime, view: CachedRegistry) -> None:
 
     Events come from the ``llm.registry`` topic exchange on RabbitMQ, from the Redis stream otherwise.
     """
-    last_id = "$"
-    reader: AmqpEventReader | None = None
+    reader: EventReader | None = None
     while runtime() is rt:
         try:
-            if rt.amqp:
-                if reader is None:
-                    reader = AmqpEventReader(rt.settings.broker_url, binding_key="llm.registry.#")
-                    reader.open()
-                received = reader.get(timeout_s=1.0)
-                events = [] if received is None else [received]
-            else:
-                events = read_events(rt.redis, rt.keys.events, after=last_id, count=100, block_ms=1000)
-            for item in events:
-                last_id = item.entry_id or last_id
+            if reader is None:
+                reader = rt.broker.event_reader(rt.redis, rt.keys)
+            for item in reader.read(timeout_s=1.0):
                 if item.event.event_type != "offering_heartbeat":
                     view.invalidate()
         except Exception:  # a follower must never break a producer; the TTL still bounds staleness
@@ -270,7 +262,7 @@ def live_instances(rt: FleetRuntime | None = None) -> list[str]:
 def queue_for(name: str, rt: FleetRuntime | None = None) -> Queue:
     """The kombu declaration of a lane or management queue, the same everywhere."""
     rt = rt or runtime()
-    return lane_queue(name, rt.settings.lanes, rt.amqp)
+    return rt.broker.lane_queue(name)
 
 
 def route_task(

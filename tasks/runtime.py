@@ -19,20 +19,11 @@ from provider.fleet.registry import OfferingRegistry
 from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
 from provider.protocol.records import RecordAuthenticator
 from provider.settings import Settings, get_settings
+from tasks.brokers import LaneBroker, broker_for
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
-from tasks.queues import broker_is_amqp
 from tasks.streams import EntrySealer
 
 __all__ = ["FleetRuntime", "configure", "runtime"]
-
-_KOMBU_PRIORITY_SEP = "\x06\x16"
-_BROKER_CHECK_TIMEOUT_S = 1.0
-_KOMBU_PRIORITY_STEPS = (3, 6, 9)
-
-
-def _priority_lists(lane: str) -> list[str]:
-    """kombu's Redis lists for one queue: the plain name for priority 0, a suffixed one per other step."""
-    return [lane, *(f"{lane}{_KOMBU_PRIORITY_SEP}{step}" for step in _KOMBU_PRIORITY_STEPS)]
 
 
 @dataclass
@@ -85,20 +76,13 @@ class FleetRuntime:
         )
 
     @cached_property
-    def broker_redis(self) -> Redis:
-        """The broker itself, when it is Redis (lane depth checks): short timeouts, so an outage fails fast."""
-        return Redis.from_url(
-            self.settings.broker_url,
-            socket_connect_timeout=_BROKER_CHECK_TIMEOUT_S,
-            socket_timeout=_BROKER_CHECK_TIMEOUT_S,
-        )
+    def broker(self) -> LaneBroker:
+        """What differs between a Redis and a RabbitMQ broker (``tasks.brokers``), chosen once."""
+        return broker_for(self.settings)
 
-    def lane_depth(self, lane: str) -> int:
-        """Messages waiting in a Redis lane, over kombu's per-priority lists."""
-        pipe = self.broker_redis.pipeline(transaction=False)
-        for key in _priority_lists(lane):
-            pipe.llen(key)
-        return int(sum(pipe.execute()))
+    def lane_depth(self, lane: str, connection: Any = None) -> int:
+        """Messages waiting in a lane (``connection``: a kombu connection, needed on RabbitMQ)."""
+        return self.broker.lane_depth(lane, connection)
 
     def count_hand_back(self, request_id: str, *, ttl_s: float) -> int:
         """Count one more hand-back of a request; returns the count so far."""
@@ -111,11 +95,6 @@ class FleetRuntime:
     def stream_sealer(self, request_id: str) -> EntrySealer:
         """Signs (workers) and checks (producers) a request's stream entries; seals them when encryption is on."""
         return EntrySealer(self.codec.keyring, request_id, encrypt=self.settings.security.encrypt)
-
-    @property
-    def amqp(self) -> bool:
-        """Whether the broker is RabbitMQ."""
-        return broker_is_amqp(self.settings.broker_url)
 
 
 _lock = threading.Lock()

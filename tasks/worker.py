@@ -36,10 +36,10 @@ from provider.settings import InstanceSettings
 from provider.vllm.client import VllmClient
 from provider.vllm.discovery import discover_offerings, instances_to_serve, no_instances_reason
 from provider.vllm.errors import ProviderError, ProviderTimeoutError
-from tasks.event_bus import EventBus, events_bus_for
+from tasks.event_bus import EventBus
 from tasks.logs import install
 from tasks.metrics import CIRCUIT_OPEN, CIRCUIT_VALUES, IN_FLIGHT, serve_metrics
-from tasks.queues import dead_letter_queue, management_queue_name
+from tasks.queues import management_queue_name
 from tasks.routing import invalidate_route_cache, queue_for
 from tasks.runtime import FleetRuntime, runtime
 
@@ -47,7 +47,6 @@ __all__ = ["FleetConsumerStep", "HandBack", "ServedInstance", "WorkerFleet", "wo
 
 log = logging.getLogger("tasks.worker")
 _T = TypeVar("_T")
-_UNACKED_INDEX_KEY = "unacked_index"  # kombu's Redis transport default (transport option unacked_index_key)
 _LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
 _FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
 
@@ -217,9 +216,8 @@ def touch_held_messages(rt: FleetRuntime) -> int:
     from celery.worker import state as worker_state
 
     held = (*worker_state.reserved_requests, *worker_state.active_requests)
-    tags = {str(tag): time.time() for request in held if (tag := _delivery_tag(request)) is not None}
-    if tags:
-        rt.broker_redis.zadd(_UNACKED_INDEX_KEY, tags, xx=True)
+    tags = [str(tag) for request in held if (tag := _delivery_tag(request)) is not None]
+    rt.broker.touch_unacked(tags)
     return len(tags)
 
 
@@ -239,9 +237,7 @@ class WorkerFleet:
         self._stop = threading.Event()
         self.hostname: str | None = None
         self.consuming: set[str] = set()
-        self.bus: EventBus = events_bus_for(
-            rt.settings.broker_url, rt.redis, rt.keys, maxlen=rt.settings.events_stream_max_len
-        )
+        self.bus: EventBus = rt.broker.event_bus(rt.redis, rt.keys, maxlen=rt.settings.events_stream_max_len)
         self._accepting: dict[str, bool] = {}
         self._reconcile_lock = threading.Lock()
 
@@ -267,7 +263,7 @@ class WorkerFleet:
         self.leases.heartbeat()
         for target, name in ((self._beat, "fleet-heartbeat"), (self._renew_leases, "fleet-leases")):
             threading.Thread(target=target, name=name, daemon=True).start()
-        if not self.rt.amqp:
+        if self.rt.broker.redelivers_unacked_after_visibility:
             threading.Thread(target=self._touch_messages, name="fleet-visibility", daemon=True).start()
         threading.Thread(target=self._watch_capacity, name="fleet-capacity", daemon=True).start()
         threading.Thread(target=self._retry_discovery, name="fleet-rediscovery", daemon=True).start()
@@ -513,7 +509,7 @@ def worker_fleet() -> WorkerFleet:
     return _fleet
 
 
-WORKER_MODULES = ("tasks.execution", "tasks.management")
+WORKER_MODULES = ("tasks.pipeline", "tasks.execution", "tasks.management")
 
 
 class FleetConsumerStep(bootsteps.StartStopStep):
@@ -536,8 +532,7 @@ class FleetConsumerStep(bootsteps.StartStopStep):
             names = _fleet.start()
         else:
             names = _fleet.queues()
-        if _fleet.rt.amqp:
-            declare_dead_letters(c)
+        declare_dead_letters(c)
         for name in names:
             add_consumer(c, name)
         _fleet.hostname = c.hostname
@@ -557,9 +552,9 @@ class FleetConsumerStep(bootsteps.StartStopStep):
 def declare_dead_letters(consumer: Any) -> None:
     """Declare the dead-letter exchange and queue, so RabbitMQ's own dead-lettering (TTL, delivery limit)
     never drops a message for want of a destination."""
-    rt = worker_fleet().rt
+    broker = worker_fleet().rt.broker
     with consumer.app.connection_for_write() as conn:
-        dead_letter_queue(rt.settings.lanes, rt.amqp)(conn.default_channel).declare()
+        broker.declare_dead_letters(conn)
 
 
 def _install_logging(json_lines: bool) -> None:

@@ -136,7 +136,8 @@ def test_import_tasks_loads_no_worker_code_and_no_httpx() -> None:
     probe = (
         "import sys, tasks; "
         "print(' '.join(sorted(m for m in sys.modules if m == 'httpx' or m in "
-        "('tasks.worker', 'tasks.execution', 'tasks.management', 'tasks.consumer', 'provider.vllm.client'))))"
+        "('tasks.worker', 'tasks.pipeline', 'tasks.execution', 'tasks.management', 'tasks.consumer', "
+        "'provider.vllm.client'))))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert loaded.returncode == 0, loaded.stderr

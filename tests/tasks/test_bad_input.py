@@ -408,12 +408,11 @@ def test_another_message_reusing_a_completed_request_id_is_refused_and_changes_n
 def dead_letters(fleet: Fleet) -> Iterator[Callable[[bytes], Any]]:
     """``take(marker)``: the dead-lettered message whose body holds ``marker`` (acked), or a failed test."""
     from tasks import app
-    from tasks.queues import dead_letter_queue
     from tasks.runtime import runtime
 
     rt = runtime()
     with app.connection_for_read() as conn:
-        queue = dead_letter_queue(rt.settings.lanes, rt.amqp)(conn.default_channel)
+        queue = rt.broker.dead_letter_queue()(conn.default_channel)
         queue.declare()
         held: list[Any] = []
 
@@ -617,7 +616,7 @@ def fleet_broker() -> Any:
     """The Redis broker itself."""
     from tasks.runtime import runtime
 
-    return runtime().broker_redis
+    return runtime().broker.client
 
 
 def test_unknown_task_reusing_a_completed_request_id_changes_nothing(

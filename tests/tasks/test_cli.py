@@ -91,7 +91,6 @@ def test_everyday_commands(fleet: Fleet, capsys: pytest.CaptureFixture[str], tmp
 def test_dead_letters_are_listed_requeued_and_dropped(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     from tasks import app, chat
     from tasks.cli import main
-    from tasks.queues import dead_letter_queue
     from tasks.routing import pick_lane
     from tasks.runtime import runtime
 
@@ -109,7 +108,7 @@ def test_dead_letters_are_listed_requeued_and_dropped(fleet: Fleet, capsys: pyte
         )
         for _ in range(2)
     ]
-    dlq = dead_letter_queue(fleet.settings.lanes, rt.amqp)
+    dlq = rt.broker.dead_letter_queue()
     for envelope in envelopes:
         app.send_task("vllm.chat", args=[envelope], task_id=envelope["request_id"], queue=dlq)
     keep, drop = (e["request_id"] for e in envelopes)

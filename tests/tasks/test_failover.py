@@ -152,9 +152,9 @@ def test_past_the_delivery_limit_the_request_is_dead_lettered_and_the_caller_tol
             with pytest.raises(FleetError) as info:
                 chat.delay(model=model, messages=HELLO, max_tokens=8, timeout_s=15).get()
             assert info.value.code == "fleet_dead_lettered"
-            dead = runtime().broker_redis.llen(fleet.settings.lanes.dead_letter_queue)
+            dead = runtime().broker.client.llen(fleet.settings.lanes.dead_letter_queue)
             assert dead >= 1
         finally:
             worker.stop()
             HealthTracker.from_settings(fleet.state, fleet.settings).reset("sim-lonely")
-            runtime().broker_redis.delete(fleet.settings.lanes.dead_letter_queue)
+            runtime().broker.client.delete(fleet.settings.lanes.dead_letter_queue)
