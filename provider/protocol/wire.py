@@ -248,7 +248,6 @@ class CodecCore:
             f"{type(self).__name__}(algorithm={self._algorithm!r}, encrypt={self._encrypt!r}, keyring={self._keys!r})"
         )
 
-
     def _load(self, raw: object) -> dict[str, Any]:
         """The envelope as a dict, within the size limit; TooLargeError or MalformedError otherwise."""
         if isinstance(raw, bytes | bytearray | memoryview):
