@@ -48,7 +48,7 @@ from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
 from tasks.queues import dead_letter_queue
 from tasks.redaction import describe_exception
 from tasks.runtime import FleetRuntime, runtime
-from tasks.streams import StreamWriter
+from tasks.stream_writer import StreamWriter
 from tasks.worker import HandBack, ServedInstance, worker_fleet
 
 __all__ = ["execute", "run_chat", "run_embed", "stream_chat_runner"]
