@@ -132,7 +132,7 @@ class TestCalls:
         result = client.tokenize(CHAT_MODEL, prompt="hello world")
         assert result.count == len(result.tokens) > 0
         assert client.detokenize(CHAT_MODEL, result.tokens).strip() == "hello world"
-        assert client.count_tokens(CHAT_MODEL, messages=[{"role": "user", "content": "hello"}]) > 0
+        assert client.tokenize(CHAT_MODEL, messages=[{"role": "user", "content": "hello"}]).count > 0
 
     def test_health_version_load_models(self, client: VllmClient) -> None:
         assert client.health() is True
