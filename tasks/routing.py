@@ -17,9 +17,10 @@ from typing import Any
 
 from kombu import Queue
 
-from provider.fleet.lanes import estimate_tokens, needed_context, slug
+from provider.fleet.lanes import slug
 from provider.fleet.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
 from provider.fleet.registry import CachedRegistry
+from provider.fleet.token_estimate import estimate_tokens, needed_context
 from provider.protocol import FleetError
 from tasks.event_bus import AmqpEventReader, read_events
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
