@@ -39,7 +39,7 @@ __all__ = [
 
 ROUTE_CACHE_S = 1.0
 log = logging.getLogger("tasks.routing")
-_INFERENCE_OPERATIONS = {"chat", "stream_chat", "count_tokens"}
+_INFERENCE_OPERATIONS = {"chat", "stream_chat"}
 
 _views_lock = threading.Lock()
 _views: dict[int, CachedRegistry] = {}
@@ -155,7 +155,7 @@ def _required_capabilities(operation: str, params: dict[str, Any]) -> list[str]:
     required: list[str] = []
     if operation == "stream_chat":
         required.append("streaming")
-    elif operation in ("chat", "count_tokens"):
+    elif operation == "chat":
         required.append("chat")
     elif operation == "embed":
         required.append("embedding")

@@ -63,7 +63,6 @@ Operation = Literal[
     "chat",
     "stream_chat",
     "embed",
-    "count_tokens",
     "health",
     "readiness",
     "version",
@@ -76,7 +75,7 @@ Operation = Literal[
     "discover",
 ]
 ALLOWED_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
-INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed", "count_tokens"})
+INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed"})
 MANAGEMENT_OPERATIONS = ALLOWED_OPERATIONS - INFERENCE_OPERATIONS
 
 # Fields whose payload is sealed in a response when encryption is on; the rest of the body stays in the clear.

@@ -617,6 +617,7 @@ def test_operation_not_allowed() -> None:
     envelope["operation"] = "rm_rf"
     refused(lambda: verify(worker(), envelope), OperationNotAllowedError)
     refused(lambda: build(producer(), operation="image"), OperationNotAllowedError)
+    refused(lambda: build(producer(), operation="count_tokens"), OperationNotAllowedError)  # no task serves it
     embed = build(producer(), operation="embed", params={"input": ["a"]})
     refused(lambda: verify(worker(), embed, operations={"chat", "stream_chat"}), OperationNotAllowedError)
 
