@@ -48,6 +48,8 @@ __all__ = ["FleetConsumerStep", "HandBack", "ServedInstance", "WorkerFleet", "wo
 log = logging.getLogger("tasks.worker")
 _T = TypeVar("_T")
 _UNACKED_INDEX_KEY = "unacked_index"  # kombu's Redis transport default (transport option unacked_index_key)
+# A model detail the cache lacks costs one /v1/models call, bounded by this.
+MODEL_DETAIL_TIMEOUT_S = 2.0
 _LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
 _FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
 
@@ -154,11 +156,15 @@ class ServedInstance:
         return self.health.state(self.name).circuit != "open" and not self.gate.should_pause()
 
     def context_window(self, model: str) -> int | None:
-        """The context window this instance serves ``model`` with (by id or alias), when known."""
+        """The context window this instance serves ``model`` with (by id or alias), when known: from its offerings,
+        else from the client's model detail (``/v1/models``, cached 24 h, warmed by discovery; a miss is not cached)."""
         for offering in self.offerings:
-            if model in (offering.model, offering.canonical_alias):
+            if model in (offering.model, offering.canonical_alias) and offering.context_window is not None:
                 return offering.context_window
-        return None
+        try:
+            return self.client.model_detail(model, timeout_s=MODEL_DETAIL_TIMEOUT_S).context_window
+        except ProviderError:
+            return None
 
     def lanes(self, style: LaneStyle) -> list[str]:
         """The lanes this instance's offerings serve, for the fleet operations it allows."""
