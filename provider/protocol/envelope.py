@@ -18,7 +18,6 @@ from provider.protocol.errors import LegacyFieldError, MalformedError
 __all__ = [
     "ALLOWED_OPERATIONS",
     "ERROR_MESSAGE_TYPE",
-    "EXACT_OFFERING_V1",
     "EXECUTION_CONTRACTS",
     "IDENT_PATTERN",
     "INFERENCE_OPERATIONS",
@@ -51,8 +50,9 @@ PROTOCOL_VERSION = 2
 REQUEST_MESSAGE_TYPE = "llm.fleet.request"
 RESPONSE_MESSAGE_TYPE = "llm.fleet.response"
 ERROR_MESSAGE_TYPE = "llm.fleet.error"
-EXACT_OFFERING_V1 = "exact_offering_v1"
-EXECUTION_CONTRACTS = frozenset({EXACT_OFFERING_V1})
+# Execution contracts this fleet serves: none. No product path pins work to an offering id, so an exact-offering
+# request (``exact_offering_v1``, fleet-protocol.md) is refused with ``UnsupportedContractError``, never run loosely.
+EXECUTION_CONTRACTS: frozenset[str] = frozenset()
 LEGACY_FIELDS = frozenset({"schema_version", "request_type", "fleet_correlation_id"})
 MAX_NESTING_DEPTH = 64
 MAX_TIMEOUT_S = 7 * 24 * 3600.0

@@ -16,7 +16,6 @@ from provider.protocol.canonical import (
 )
 from provider.protocol.envelope import (
     ALLOWED_OPERATIONS,
-    EXECUTION_CONTRACTS,
     PROTOCOL_VERSION,
     REQUEST_MESSAGE_TYPE,
     RequestEnvelope,
@@ -27,7 +26,6 @@ from provider.protocol.errors import (
     MalformedError,
     OperationNotAllowedError,
     TokenLifetimeError,
-    UnsupportedContractError,
 )
 from provider.protocol.jws import sign_token
 from provider.protocol.sealing import (
@@ -65,17 +63,11 @@ class RequestSigner(CodecCore):
         message_context: Mapping[str, Any] | None = None,
         caller: Mapping[str, Any] | None = None,
         trace_context: Mapping[str, Any] | None = None,
-        execution_contract: str | None = None,
-        offering_id: str | None = None,
         now: float | None = None,
     ) -> dict[str, Any]:
         """A signed (and, when encryption is on, sealed) request envelope, ready for JSON."""
         if operation not in ALLOWED_OPERATIONS:
             raise OperationNotAllowedError("operation not allowed", field="operation")
-        if execution_contract is not None and execution_contract not in EXECUTION_CONTRACTS:
-            raise UnsupportedContractError(field="execution_contract")
-        if (execution_contract is None) != (offering_id is None):
-            raise MalformedError("execution_contract and offering_id go together", field="offering_id")
         if not (is_number(timeout_s) and timeout_s > 0):
             raise MalformedError("timeout_s must be a positive number of seconds", field="timeout_seconds")
         if timeout_s > self._max_lifetime_s:
@@ -120,13 +112,8 @@ class RequestSigner(CodecCore):
             "caller_hash": object_hash(caller_obj),
             "trace_context_hash": object_hash(trace),
         }
-        for name, value in (
-            ("model", model),
-            ("execution_contract", execution_contract),
-            ("offering_id", offering_id),
-        ):
-            if value is not None:
-                claims[name] = value
+        if model is not None:
+            claims["model"] = model
         envelope: dict[str, Any] = {
             "message_type": REQUEST_MESSAGE_TYPE,
             "protocol_version": PROTOCOL_VERSION,
@@ -144,8 +131,6 @@ class RequestSigner(CodecCore):
             "timeout_seconds": timeout_seconds,
             "expires_at": expires_at,
             "routing_key": lane,
-            "execution_contract": execution_contract,
-            "offering_id": offering_id,
         }
         if self._encrypt:
             envelope["sealed_params"] = seal(self._keys, plaintext, purpose=PURPOSE_PARAMS, request_id=rid, lane=lane)

@@ -102,12 +102,9 @@ class RequestVerifier(CodecCore):
             if type(signed) is not str or signed != object_hash(getattr(env, name)):
                 raise ClaimMismatchError(f"{name} does not match its signed hash", field=name)
         params, params_hash = self._params(env, claims)
-        if env.execution_contract is not None:
-            if env.execution_contract not in EXECUTION_CONTRACTS:
-                raise UnsupportedContractError(field="execution_contract")
-            if env.offering_id is None or env.provider_instance == "any":
-                raise MalformedError("an exact-offering request names its offering and instance", field="offering_id")
-        elif env.offering_id is not None:
+        if env.execution_contract is not None and env.execution_contract not in EXECUTION_CONTRACTS:
+            raise UnsupportedContractError(field="execution_contract")
+        if env.offering_id is not None:
             raise MalformedError("offering_id needs an execution contract", field="offering_id")
         if operations is not None and env.operation not in operations:
             raise OperationNotAllowedError("operation not allowed for this task", field="operation")
@@ -134,8 +131,6 @@ class RequestVerifier(CodecCore):
             caller=env.caller,
             message_context=env.message_context,
             trace_context=env.trace_context,
-            execution_contract=env.execution_contract,
-            offering_id=env.offering_id,
             token_digest=digest,
             params_hash=params_hash,
             caller_hash=claims["caller_hash"],

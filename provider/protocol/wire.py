@@ -185,8 +185,6 @@ class VerifiedRequest:
     caller: dict[str, Any]
     message_context: dict[str, Any]
     trace_context: dict[str, Any]
-    execution_contract: str | None
-    offering_id: str | None
     token_digest: str
     params_hash: str
     caller_hash: str
