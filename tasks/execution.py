@@ -23,6 +23,7 @@ from celery.worker import state as worker_state
 from kombu import Queue
 from pydantic import ValidationError
 
+from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, DELIVERY_COUNT_HEADER
 from provider.protocol import (
     ERROR_MESSAGE_TYPE,
     PLAIN_RESPONSE_FIELDS,
@@ -40,7 +41,6 @@ from provider.vllm.errors import ProviderError
 from provider.vllm.models import ChatRequest, ChatResponse, EmbedRequest
 from provider.vllm.retry import call_with_retries
 from provider.vllm.streaming import StreamAccumulator
-from tasks.consumer import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TIME_TO_FIRST_TOKEN, TOKENS
@@ -234,9 +234,9 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
 
 def _delivery_count(task: Task[Any, Any]) -> int:
     """How many times RabbitMQ returned this message to its lane before (its ``x-delivery-count`` header)."""
-    value = task.request.get("x-delivery-count")
+    value = task.request.get(DELIVERY_COUNT_HEADER)
     if value is None:
-        value = (getattr(task.request, "headers", None) or {}).get("x-delivery-count")
+        value = (getattr(task.request, "headers", None) or {}).get(DELIVERY_COUNT_HEADER)
     try:
         return int(value or 0)
     except (TypeError, ValueError):

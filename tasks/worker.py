@@ -30,6 +30,7 @@ from provider.fleet.capacity import CapacityGate
 from provider.fleet.events import RegistryEvent, RegistryEventError
 from provider.fleet.health import HealthTracker
 from provider.fleet.lanes import LaneStyle, parse_lane, slug
+from provider.fleet.names import MANAGEMENT_QUEUE_PREFIX
 from provider.fleet.offerings import Offering
 from provider.protocol import OperationNotAllowedError
 from provider.settings import InstanceSettings
@@ -484,7 +485,7 @@ class WorkerFleet:
 
     def instance_for(self, lane: str, provider_instance: str, model: str | None, operation: str) -> ServedInstance:
         """The instance that serves a request arriving on ``lane``; refuses operations the lane does not allow."""
-        if lane.startswith("llm.fleet.mgmt."):
+        if lane.startswith(MANAGEMENT_QUEUE_PREFIX):
             for served in self.instances.values():
                 if served.queue == lane and provider_instance in (served.name, "any"):
                     return served

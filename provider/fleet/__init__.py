@@ -9,8 +9,6 @@ from provider.fleet.capacity import (
 )
 from provider.fleet.events import (
     EVENT_TYPES,
-    REGISTRY_EXCHANGE,
-    REGISTRY_ROUTING_PREFIX,
     SENSITIVE_KEY_SUFFIXES,
     SENSITIVE_KEYS,
     EventType,
@@ -33,7 +31,6 @@ from provider.fleet.health import (
     InstanceHealth,
 )
 from provider.fleet.lanes import (
-    LANE_PREFIX,
     MAX_LANE_KEY_CHARS,
     LaneError,
     LaneKey,
@@ -49,6 +46,20 @@ from provider.fleet.lanes import (
     parse_lane,
     shared_lane_key,
     slug,
+)
+from provider.fleet.names import (
+    CONTROL_QUEUE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEATH_HEADER,
+    DELIVERY_COUNT_HEADER,
+    FIRST_DEATH_REASON_HEADER,
+    FLEET_EXCHANGE,
+    LANE_PREFIX,
+    MANAGEMENT_QUEUE_PREFIX,
+    REGISTRY_EXCHANGE,
+    REGISTRY_ROUTING_PREFIX,
 )
 from provider.fleet.offerings import (
     CAPABILITY_ALIASES,
@@ -88,14 +99,23 @@ __all__ = [
     "BYTES_PER_TOKEN_ESTIMATE",
     "CAPABILITY_ALIASES",
     "CAPACITY_CHECK_INTERVAL_S",
+    "CONTROL_QUEUE",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_REASON_HEADER",
+    "DEAD_LETTER_SOURCE_HEADER",
+    "DEATH_HEADER",
     "DEFAULT_LATENCY_WINDOW",
     "DEFAULT_RESUME_RATIO",
     "DEFAULT_TRANSPORT",
+    "DELIVERY_COUNT_HEADER",
     "EVENT_TYPES",
+    "FIRST_DEATH_REASON_HEADER",
+    "FLEET_EXCHANGE",
     "HEALTH_KEY_TTL_S",
     "HEALTH_STATUSES",
     "LANE_CAPABILITIES",
     "LANE_PREFIX",
+    "MANAGEMENT_QUEUE_PREFIX",
     "MAX_ERROR_CODE_CHARS",
     "MAX_LANE_KEY_CHARS",
     "MESSAGE_OVERHEAD_TOKENS",

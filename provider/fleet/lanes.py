@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, cast, runtime_checkable
 
+from provider.fleet.names import LANE_PREFIX
+
 __all__ = [
     "LANE_PREFIX",
     "MAX_LANE_KEY_CHARS",
@@ -41,7 +43,6 @@ __all__ = [
     "slug",
 ]
 
-LANE_PREFIX: Final = "llm.fleet"
 OFFERING_SEGMENT: Final = "offering"
 CAPABILITY_SEGMENT: Final = "cap"
 CONTEXT_PREFIX: Final = "ctx"

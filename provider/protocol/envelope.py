@@ -59,6 +59,8 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_TOKEN_CHARS = 16_384
 MAX_ERROR_MESSAGE_CHARS = 1024
 
+# Every operation, written once: the inference ones, then the management ones in the order the CLI and docs use
+# (a task ``vllm.<operation>`` each, ``tasks/fleet.py``; a handler each, ``tasks/management.py``).
 Operation = Literal[
     "chat",
     "stream_chat",
@@ -67,16 +69,16 @@ Operation = Literal[
     "readiness",
     "version",
     "list_models",
-    "reset_prefix_cache",
-    "reset_mm_cache",
+    "is_sleeping",
     "sleep",
     "wake_up",
-    "is_sleeping",
+    "reset_prefix_cache",
+    "reset_mm_cache",
     "discover",
 ]
 ALLOWED_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
 INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed"})
-MANAGEMENT_OPERATIONS = ALLOWED_OPERATIONS - INFERENCE_OPERATIONS
+MANAGEMENT_OPERATIONS: tuple[str, ...] = tuple(op for op in get_args(Operation) if op not in INFERENCE_OPERATIONS)
 
 # Fields whose payload is sealed in a response when encryption is on; the rest of the body stays in the clear.
 SEALED_RESPONSE_FIELDS = ("content", "tool_calls", "metadata", "result", "reasoning")
