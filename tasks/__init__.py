@@ -33,7 +33,7 @@ from tasks.fleet import (
 from tasks.producer import FleetGroupResult, FleetResult
 from tasks.runtime import configure, runtime
 from tasks.stream_entries import StreamReset
-from tasks.stream_reader import CANCEL_TTL_S, FleetStream, stream_deadline
+from tasks.stream_reader import FleetStream, cancel_stream, stream_deadline
 
 __all__ = [
     "FleetError",
@@ -83,6 +83,6 @@ def cancel(result: FleetResult | str, *, revoke: bool = True) -> None:
     a queued task is revoked."""
     rt = runtime()
     task_id = result if isinstance(result, str) else result.id
-    rt.redis.set(rt.keys.cancel(task_id), b"1", px=int(CANCEL_TTL_S * 1000))
+    cancel_stream(rt.redis, rt.keys.cancel(task_id))
     if revoke:
         app.control.revoke(task_id)

@@ -14,7 +14,15 @@ from provider.vllm.models import StreamChunk
 from tasks.metrics import FORGED_STREAM_ENTRIES
 from tasks.stream_entries import EntrySealer, StreamReset, decode_entry, split_position
 
-__all__ = ["CANCEL_TTL_S", "READ_BATCH", "FleetStream", "StreamCursor", "read_stream", "stream_deadline"]
+__all__ = [
+    "CANCEL_TTL_S",
+    "READ_BATCH",
+    "FleetStream",
+    "StreamCursor",
+    "cancel_stream",
+    "read_stream",
+    "stream_deadline",
+]
 
 READ_BLOCK_MS = 1000
 READ_BATCH = 512
@@ -22,6 +30,11 @@ READ_BATCH = 512
 CANCEL_TTL_S = 3600.0
 _STREAM_START = "0-0"
 log = logging.getLogger("tasks.streams")
+
+
+def cancel_stream(client: redis.Redis, cancel_key: str, ttl_s: float = CANCEL_TTL_S) -> None:
+    """Raise the flag the worker's relay reads with each batch: it closes the HTTP stream at its next chunk."""
+    client.set(cancel_key, b"1", px=int(ttl_s * 1000))
 
 
 def stream_deadline(request_deadline: float | None, timeout_s: float | None, default_s: float) -> float:
@@ -211,4 +224,4 @@ class FleetStream:
     def cancel(self, ttl_s: float = CANCEL_TTL_S) -> None:
         """Ask the worker to stop generating: it closes the HTTP stream at the first chunk after its relay sees the
         flag (two relay round trips and a token at most; the README gives the measured figures)."""
-        self._redis.set(self._cancel_key, b"1", px=int(ttl_s * 1000))
+        cancel_stream(self._redis, self._cancel_key, ttl_s)
