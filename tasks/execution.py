@@ -59,7 +59,7 @@ _HELD_POLL_S = 0.1
 DELIVERY_LIMIT_REASON = "delivery_limit"
 _HAND_BACK_PAUSE_S = 0.5
 RESPONSE_BODY_FIELDS = (*SEALED_RESPONSE_FIELDS, *PLAIN_RESPONSE_FIELDS)
-_GENERATION = {"chat", "stream_chat", "embed", "count_tokens"}
+_GENERATION = {"chat", "stream_chat", "embed"}
 Runner = Callable[[VerifiedRequest, ServedInstance], dict[str, Any]]
 
 

@@ -51,8 +51,8 @@ _T = TypeVar("_T")
 _UNACKED_INDEX_KEY = "unacked_index"  # kombu's Redis transport default (transport option unacked_index_key)
 # A model detail the cache lacks costs one /v1/models call, bounded by this.
 MODEL_DETAIL_TIMEOUT_S = 2.0
-_LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
-_FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
+_LANE_OPERATIONS = {"inference": {"chat", "stream_chat"}, "embed": {"embed"}}
+_FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "embed": "embed"}
 
 
 class HandBack(Exception):
