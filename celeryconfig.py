@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from beat_schedule import build_beat_schedule
+from provider.fleet.names import CONTROL_QUEUE
 from provider.settings import Settings, get_settings
 
 _BROKER_MARGIN_S = 60.0
@@ -58,7 +59,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": settings.send_task_events,
         # A "task-sent" event per request from producers costs one more publish on the hot path: opt in.
         "task_send_sent_event": settings.send_sent_events,
-        "task_default_queue": "llm.fleet.control",
+        "task_default_queue": CONTROL_QUEUE,
         "task_create_missing_queues": True,
         "task_routes": ("tasks.routing.route_task",),
         "result_expires": int(settings.result_expires_s),

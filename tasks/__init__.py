@@ -12,8 +12,6 @@ Results are opened response envelopes (dicts); failures raise ``FleetError`` wit
 
 from __future__ import annotations
 
-import time
-
 from provider.protocol import FleetError
 from provider.vllm.models import StreamChunk
 from tasks.app import app
@@ -34,7 +32,8 @@ from tasks.fleet import (
 )
 from tasks.producer import FleetGroupResult, FleetResult
 from tasks.runtime import configure, runtime
-from tasks.streams import FleetStream, StreamReset
+from tasks.stream_entries import StreamReset
+from tasks.stream_reader import FleetStream, cancel_stream, stream_deadline
 
 __all__ = [
     "FleetError",
@@ -67,11 +66,7 @@ def open_stream(result: FleetResult | str, *, start_id: str = "0-0", timeout_s: 
     """Chunks of a ``stream_chat`` task, live or late, from ``start_id`` (``"0-0"`` = the beginning)."""
     rt = runtime()
     task_id = result if isinstance(result, str) else result.id
-    deadline = getattr(result, "deadline", None)
-    if timeout_s is not None:
-        deadline = time.time() + timeout_s
-    if deadline is None:
-        deadline = time.time() + rt.settings.timeouts.stream_s
+    deadline = stream_deadline(getattr(result, "deadline", None), timeout_s, rt.settings.timeouts.stream_s)
     return FleetStream(
         task_id,
         client=rt.redis,
@@ -88,6 +83,6 @@ def cancel(result: FleetResult | str, *, revoke: bool = True) -> None:
     a queued task is revoked."""
     rt = runtime()
     task_id = result if isinstance(result, str) else result.id
-    rt.redis.set(rt.keys.cancel(task_id), b"1", px=3_600_000)
+    cancel_stream(rt.redis, rt.keys.cancel(task_id))
     if revoke:
         app.control.revoke(task_id)

@@ -14,21 +14,18 @@ streams are read with ``redis.asyncio`` so thousands of readers cost no threads.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from provider.protocol import FleetError
 from provider.vllm.models import StreamChunk
 from tasks.producer import FleetResult, FleetTask
 from tasks.runtime import runtime
-from tasks.streams import READ_BATCH, StreamCursor, StreamReset
+from tasks.stream_entries import StreamReset
+from tasks.stream_reader import READ_BATCH, StreamCursor, stream_deadline
 
 __all__ = ["astream", "gather_result", "submit"]
-
-_READ_BLOCK_MS = 1000
 
 
 async def submit(task: FleetTask, **kwargs: Any) -> Any:
@@ -47,11 +44,11 @@ async def astream(
     """Chunks of a ``stream_chat`` task as they arrive, from ``start_id``; ends at the stream's end."""
     rt = runtime()
     task_id = result if isinstance(result, str) else result.id
-    deadline = getattr(result, "deadline", None) or time.time() + (timeout_s or rt.settings.timeouts.stream_s)
+    deadline = stream_deadline(getattr(result, "deadline", None), timeout_s, rt.settings.timeouts.stream_s)
     key = rt.keys.stream(task_id)
     client = aioredis.Redis.from_url(rt.settings.redis_url)
     sealer = rt.stream_sealer(task_id)
-    cursor = StreamCursor(start_id)
+    cursor = StreamCursor(start_id, deadline)
     try:
         entries: Any = await client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.reread else []
         while True:
@@ -59,11 +56,7 @@ async def astream(
                 yield item
             if cursor.ended:
                 return
-            remaining_ms = int((deadline - time.time()) * 1000)
-            if remaining_ms <= 0:
-                raise FleetError("the stream did not finish before its deadline", code="fleet_timeout")
-            block_ms = min(_READ_BLOCK_MS, remaining_ms)
-            reply: Any = await client.xread({key: cursor.entry_id}, count=READ_BATCH, block=block_ms)
+            reply: Any = await client.xread({key: cursor.entry_id}, count=READ_BATCH, block=cursor.block_ms())
             entries = reply[0][1] if reply else []
     finally:
         await client.aclose()

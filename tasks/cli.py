@@ -28,21 +28,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from provider.protocol import MANAGEMENT_OPERATIONS
+
 __all__ = ["main"]
 
 console = Console()
 err_console = Console(stderr=True)
-_MANAGEMENT_ACTIONS = (
-    "health",
-    "readiness",
-    "version",
-    "list_models",
-    "is_sleeping",
-    "sleep",
-    "wake_up",
-    "reset_prefix_cache",
-    "reset_mm_cache",
-)
+# ``discover`` has its own command.
+_MANAGEMENT_ACTIONS = tuple(operation for operation in MANAGEMENT_OPERATIONS if operation != "discover")
 _MANAGEMENT_HEADROOM = 2
 _PIPED_WIDTH = 400
 _INSPECT_TIMEOUT_S = 1.0

@@ -39,6 +39,7 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from vine import promise
 
+from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from provider.protocol import EnvelopeError, MalformedError, OperationNotAllowedError
 from provider.protocol.envelope import REQUEST_ID_PATTERN
 from tasks.errors import FleetTaskError
@@ -58,8 +59,6 @@ __all__ = [
 
 log = logging.getLogger("tasks.consumer")
 
-DEAD_LETTER_REASON_HEADER = "x-fleet-dead-letter-reason"
-DEAD_LETTER_SOURCE_HEADER = "x-fleet-dead-letter-source"
 UNDECODABLE_CONTENT_TYPE = "application/x-fleet-undecodable"
 DEAD_LETTER_PUBLISH_TIMEOUT_S = 5.0
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}

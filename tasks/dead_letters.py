@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEATH_HEADER, FIRST_DEATH_REASON_HEADER
 from provider.protocol import EnvelopeError
 from tasks.app import app
-from tasks.consumer import DEAD_LETTER_REASON_HEADER
 from tasks.producer import is_envelope
 from tasks.runtime import FleetRuntime, runtime
 
@@ -64,11 +64,11 @@ def _envelope_of(message: Any) -> dict[str, Any] | None:
 def _describe(message: Any) -> DeadLetter:
     headers = message.headers or {}
     envelope = _envelope_of(message) or {}
-    deaths = headers.get("x-death") or []
+    deaths = headers.get(DEATH_HEADER) or []
     if deaths and isinstance(deaths[0], dict):  # RabbitMQ's own dead-lettering: rejected, expired, delivery_limit
         reason = str(deaths[0].get("reason", ""))
     else:  # what a worker copied here: our header
-        reason = str(headers.get(DEAD_LETTER_REASON_HEADER) or headers.get("x-first-death-reason") or "")
+        reason = str(headers.get(DEAD_LETTER_REASON_HEADER) or headers.get(FIRST_DEATH_REASON_HEADER) or "")
     return DeadLetter(
         task_id=str(headers.get("id") or envelope.get("request_id") or "?"),
         task=str(headers.get("task") or "?"),

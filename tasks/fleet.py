@@ -7,9 +7,7 @@
 | ``vllm.embed`` | embeddings | ``llm.fleet.embed.<model>`` |
 | ``vllm.<management>`` | management (below) | ``llm.fleet.mgmt.<instance>``; ``instance="all"`` fans out |
 
-Management tasks: ``vllm.health``, ``vllm.readiness``, ``vllm.version``, ``vllm.list_models``,
-``vllm.is_sleeping``, ``vllm.reset_prefix_cache``, ``vllm.reset_mm_cache``, ``vllm.sleep``, ``vllm.wake_up``,
-``vllm.discover``.
+Management tasks: one ``vllm.<operation>`` per ``provider.protocol.MANAGEMENT_OPERATIONS`` (the one list).
 
 Each task takes one argument, the request envelope, and returns a response envelope.
 """
@@ -21,10 +19,12 @@ from typing import Any
 
 from celery import Task
 
+from provider.protocol import MANAGEMENT_OPERATIONS
 from tasks.app import app
 from tasks.producer import FleetTask
 
 __all__ = [
+    "MANAGEMENT_TASKS",
     "chat",
     "discover",
     "embed",
@@ -76,10 +76,8 @@ def embed(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
     return execute(self, envelope, run_embed)
 
 
-def _management_task(name: str) -> Any:
-    operation = name.split(".", 1)[1]
-
-    @_fleet_task(name, operation)
+def _management_task(operation: str) -> FleetTask:
+    @_fleet_task(f"vllm.{operation}", operation)
     def run(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
         from tasks.execution import execute
         from tasks.management import run_management
@@ -90,13 +88,15 @@ def _management_task(name: str) -> Any:
     return run
 
 
-health = _management_task("vllm.health")
-readiness = _management_task("vllm.readiness")
-version = _management_task("vllm.version")
-list_models = _management_task("vllm.list_models")
-is_sleeping = _management_task("vllm.is_sleeping")
-reset_prefix_cache = _management_task("vllm.reset_prefix_cache")
-reset_mm_cache = _management_task("vllm.reset_mm_cache")
-sleep = _management_task("vllm.sleep")
-wake_up = _management_task("vllm.wake_up")
-discover = _management_task("vllm.discover")
+MANAGEMENT_TASKS: dict[str, FleetTask] = {operation: _management_task(operation) for operation in MANAGEMENT_OPERATIONS}
+# The producer API's names for them (``from tasks import sleep``).
+health = MANAGEMENT_TASKS["health"]
+readiness = MANAGEMENT_TASKS["readiness"]
+version = MANAGEMENT_TASKS["version"]
+list_models = MANAGEMENT_TASKS["list_models"]
+is_sleeping = MANAGEMENT_TASKS["is_sleeping"]
+reset_prefix_cache = MANAGEMENT_TASKS["reset_prefix_cache"]
+reset_mm_cache = MANAGEMENT_TASKS["reset_mm_cache"]
+sleep = MANAGEMENT_TASKS["sleep"]
+wake_up = MANAGEMENT_TASKS["wake_up"]
+discover = MANAGEMENT_TASKS["discover"]

@@ -89,7 +89,7 @@ def _timeout_for(rt: FleetRuntime, operation: str) -> float:
         return timeouts.embed_s
     if operation == "stream_chat":
         return timeouts.stream_s
-    if operation in ("chat", "count_tokens"):
+    if operation == "chat":
         return timeouts.chat_s
     return timeouts.management_s
 
@@ -97,7 +97,7 @@ def _timeout_for(rt: FleetRuntime, operation: str) -> float:
 def _validated_params(operation: str, params: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """Validate a request's own arguments at submit (clear errors before anything is published)."""
     model_cls: type[BaseModel]
-    if operation in ("chat", "stream_chat", "count_tokens"):
+    if operation in ("chat", "stream_chat"):
         model_cls = ChatRequest
     elif operation == "embed":
         model_cls = EmbedRequest

@@ -14,6 +14,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from provider.fleet.names import CONTROL_QUEUE, DEAD_LETTER_EXCHANGE, FLEET_EXCHANGE, MANAGEMENT_QUEUE_PREFIX
 from provider.settings import LaneSettings
 
 __all__ = [
@@ -25,16 +26,12 @@ __all__ = [
     "management_queue_name",
 ]
 
-FLEET_EXCHANGE = "llm.fleet"
-DEAD_LETTER_EXCHANGE = "llm.fleet.dlx"
-CONTROL_QUEUE = "llm.fleet.control"
-_MANAGEMENT_PREFIX = "llm.fleet.mgmt."
 QUEUE_DELIVERY_LIMIT_MARGIN = 3
 
 
 def management_queue_name(instance_slug: str) -> str:
     """The queue owned by the worker serving one instance."""
-    return f"{_MANAGEMENT_PREFIX}{instance_slug}"
+    return f"{MANAGEMENT_QUEUE_PREFIX}{instance_slug}"
 
 
 def _amqp_lane_arguments(lanes: LaneSettings) -> dict[str, Any]:

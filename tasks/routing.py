@@ -17,9 +17,10 @@ from typing import Any
 
 from kombu import Queue
 
-from provider.fleet.lanes import estimate_tokens, needed_context, slug
+from provider.fleet.lanes import slug
 from provider.fleet.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
 from provider.fleet.registry import CachedRegistry
+from provider.fleet.token_estimate import estimate_tokens, needed_context
 from provider.protocol import FleetError
 from tasks.brokers import EventReader
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
@@ -38,7 +39,7 @@ __all__ = [
 
 ROUTE_CACHE_S = 1.0
 log = logging.getLogger("tasks.routing")
-_INFERENCE_OPERATIONS = {"chat", "stream_chat", "count_tokens"}
+_INFERENCE_OPERATIONS = {"chat", "stream_chat"}
 
 _views_lock = threading.Lock()
 _views: dict[int, CachedRegistry] = {}
@@ -146,7 +147,7 @@ def _required_capabilities(operation: str, params: dict[str, Any]) -> list[str]:
     required: list[str] = []
     if operation == "stream_chat":
         required.append("streaming")
-    elif operation in ("chat", "count_tokens"):
+    elif operation == "chat":
         required.append("chat")
     elif operation == "embed":
         required.append("embedding")

@@ -21,7 +21,7 @@ from provider.protocol.records import RecordAuthenticator
 from provider.settings import Settings, get_settings
 from tasks.brokers import LaneBroker, broker_for
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
-from tasks.streams import EntrySealer
+from tasks.stream_entries import EntrySealer
 
 __all__ = ["FleetRuntime", "configure", "runtime"]
 

@@ -30,6 +30,7 @@ from provider.fleet.capacity import CapacityGate
 from provider.fleet.events import RegistryEvent, RegistryEventError
 from provider.fleet.health import HealthTracker
 from provider.fleet.lanes import LaneStyle, parse_lane, slug
+from provider.fleet.names import MANAGEMENT_QUEUE_PREFIX
 from provider.fleet.offerings import Offering
 from provider.protocol import OperationNotAllowedError
 from provider.settings import InstanceSettings
@@ -47,8 +48,10 @@ __all__ = ["FleetConsumerStep", "HandBack", "ServedInstance", "WorkerFleet", "wo
 
 log = logging.getLogger("tasks.worker")
 _T = TypeVar("_T")
-_LANE_OPERATIONS = {"inference": {"chat", "stream_chat", "count_tokens"}, "embed": {"embed"}}
-_FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "count_tokens": "chat", "embed": "embed"}
+# A model detail the cache lacks costs one /v1/models call, bounded by this.
+MODEL_DETAIL_TIMEOUT_S = 2.0
+_LANE_OPERATIONS = {"inference": {"chat", "stream_chat"}, "embed": {"embed"}}
+_FLEET_CAPABILITY = {"chat": "chat", "stream_chat": "stream_chat", "embed": "embed"}
 
 
 class HandBack(Exception):
@@ -153,11 +156,15 @@ class ServedInstance:
         return self.health.state(self.name).circuit != "open" and not self.gate.should_pause()
 
     def context_window(self, model: str) -> int | None:
-        """The context window this instance serves ``model`` with (by id or alias), when known."""
+        """The context window this instance serves ``model`` with (by id or alias), when known: from its offerings,
+        else from the client's model detail (``/v1/models``, cached 24 h, warmed by discovery; a miss is not cached)."""
         for offering in self.offerings:
-            if model in (offering.model, offering.canonical_alias):
+            if model in (offering.model, offering.canonical_alias) and offering.context_window is not None:
                 return offering.context_window
-        return None
+        try:
+            return self.client.model_detail(model, timeout_s=MODEL_DETAIL_TIMEOUT_S).context_window
+        except ProviderError:
+            return None
 
     def lanes(self, style: LaneStyle) -> list[str]:
         """The lanes this instance's offerings serve, for the fleet operations it allows."""
@@ -474,7 +481,7 @@ class WorkerFleet:
 
     def instance_for(self, lane: str, provider_instance: str, model: str | None, operation: str) -> ServedInstance:
         """The instance that serves a request arriving on ``lane``; refuses operations the lane does not allow."""
-        if lane.startswith("llm.fleet.mgmt."):
+        if lane.startswith(MANAGEMENT_QUEUE_PREFIX):
             for served in self.instances.values():
                 if served.queue == lane and provider_instance in (served.name, "any"):
                     return served

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, cast, get_args
 
+from provider.fleet.names import REGISTRY_EXCHANGE, REGISTRY_ROUTING_PREFIX
+
 if TYPE_CHECKING:
     from provider.fleet.offerings import Offering
 
@@ -51,8 +53,6 @@ __all__ = [
     "unsafe_value_reason",
 ]
 
-REGISTRY_EXCHANGE: Final = "llm.registry"
-REGISTRY_ROUTING_PREFIX: Final = "llm.registry"
 
 EventType = Literal["offering_available", "offering_unavailable", "offering_degraded", "offering_heartbeat"]
 EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)

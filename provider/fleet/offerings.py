@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from provider.fleet.lanes import (
     LaneStyle,
     UsageType,
-    eligibility_fingerprint,
     normalize_usage_type,
     offering_lane_key,
     shared_lane_key,
@@ -250,19 +249,6 @@ class Offering(BaseModel):
         return "unavailable" if self.health.get("ready") is False else "available"
 
     @property
-    def eligibility_fingerprint(self) -> str:
-        """The 16-hex fingerprint of what makes workers of this offering interchangeable."""
-        eligibility = self.metadata.get("eligibility")
-        return eligibility_fingerprint(
-            usage_type=self.usage_type,
-            capabilities=self.capabilities,
-            context_window=self.context_window,
-            max_output_tokens=self.max_output_tokens,
-            policy_tags=self.policy_tags,
-            eligibility=eligibility if isinstance(eligibility, Mapping) else None,
-        )
-
-    @property
     def shared_lane(self) -> str:
         """``llm.fleet.<embed|inference>.<alias-slug>[.ctx<N>]``."""
         return shared_lane_key(
@@ -281,12 +267,10 @@ class Offering(BaseModel):
         self,
         style: LaneStyle = "shared",
         *,
-        boundary: str | None = None,
-        with_fingerprint: bool = False,
         capabilities: Iterable[str] = (),
     ) -> str:
-        """The lane of a style; a shared lane may add a boundary, lane capabilities and this offering's
-        fingerprint. Asking for capabilities this offering lacks is a ``ValueError``."""
+        """The lane of a style; a shared lane may add lane capabilities. Asking for capabilities this offering
+        lacks is a ``ValueError``."""
         if style == "offering":
             return self.offering_lane
         if style != "shared":
@@ -300,8 +284,6 @@ class Offering(BaseModel):
             self.usage_type,
             context_window=self.context_window,
             max_input_tokens=self.max_input_tokens,
-            boundary=boundary,
-            fingerprint=self.eligibility_fingerprint if with_fingerprint else None,
             capabilities=wanted,
         )
 

@@ -26,7 +26,6 @@ from provider.protocol.codec import (
 from provider.protocol.envelope import (
     ALLOWED_OPERATIONS,
     ERROR_MESSAGE_TYPE,
-    EXACT_OFFERING_V1,
     EXECUTION_CONTRACTS,
     INFERENCE_OPERATIONS,
     LEGACY_FIELDS,
@@ -98,7 +97,6 @@ __all__ = [
     "CONFIGURATION_ERROR",
     "DEFAULT_PROVIDER",
     "ERROR_MESSAGE_TYPE",
-    "EXACT_OFFERING_V1",
     "EXECUTION_CONTRACTS",
     "INFERENCE_OPERATIONS",
     "LEGACY_FIELDS",

@@ -18,7 +18,6 @@ from provider.protocol.errors import LegacyFieldError, MalformedError
 __all__ = [
     "ALLOWED_OPERATIONS",
     "ERROR_MESSAGE_TYPE",
-    "EXACT_OFFERING_V1",
     "EXECUTION_CONTRACTS",
     "IDENT_PATTERN",
     "INFERENCE_OPERATIONS",
@@ -51,33 +50,35 @@ PROTOCOL_VERSION = 2
 REQUEST_MESSAGE_TYPE = "llm.fleet.request"
 RESPONSE_MESSAGE_TYPE = "llm.fleet.response"
 ERROR_MESSAGE_TYPE = "llm.fleet.error"
-EXACT_OFFERING_V1 = "exact_offering_v1"
-EXECUTION_CONTRACTS = frozenset({EXACT_OFFERING_V1})
+# Execution contracts this fleet serves: none. No product path pins work to an offering id, so an exact-offering
+# request (``exact_offering_v1``, fleet-protocol.md) is refused with ``UnsupportedContractError``, never run loosely.
+EXECUTION_CONTRACTS: frozenset[str] = frozenset()
 LEGACY_FIELDS = frozenset({"schema_version", "request_type", "fleet_correlation_id"})
 MAX_NESTING_DEPTH = 64
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_TOKEN_CHARS = 16_384
 MAX_ERROR_MESSAGE_CHARS = 1024
 
+# Every operation, written once: the inference ones, then the management ones in the order the CLI and docs use
+# (a task ``vllm.<operation>`` each, ``tasks/fleet.py``; a handler each, ``tasks/management.py``).
 Operation = Literal[
     "chat",
     "stream_chat",
     "embed",
-    "count_tokens",
     "health",
     "readiness",
     "version",
     "list_models",
-    "reset_prefix_cache",
-    "reset_mm_cache",
+    "is_sleeping",
     "sleep",
     "wake_up",
-    "is_sleeping",
+    "reset_prefix_cache",
+    "reset_mm_cache",
     "discover",
 ]
 ALLOWED_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
-INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed", "count_tokens"})
-MANAGEMENT_OPERATIONS = ALLOWED_OPERATIONS - INFERENCE_OPERATIONS
+INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed"})
+MANAGEMENT_OPERATIONS: tuple[str, ...] = tuple(op for op in get_args(Operation) if op not in INFERENCE_OPERATIONS)
 
 # Fields whose payload is sealed in a response when encryption is on; the rest of the body stays in the clear.
 SEALED_RESPONSE_FIELDS = ("content", "tool_calls", "metadata", "result", "reasoning")

@@ -165,19 +165,6 @@ def test_management_operation_round_trip() -> None:
     assert verified.operation == "sleep"
 
 
-def test_exact_offering_round_trip() -> None:
-    envelope = build(
-        producer(),
-        execution_contract="exact_offering_v1",
-        offering_id="vllm:gpu1:inference:qwen3-6-27b",
-        provider_instance="gpu1",
-    )
-    verified = verify(worker(), envelope)
-    assert verified.execution_contract == "exact_offering_v1"
-    assert verified.offering_id == "vllm:gpu1:inference:qwen3-6-27b"
-    assert verified.provider_instance == "gpu1"
-
-
 def test_worker_cannot_sign() -> None:
     refused(lambda: build(worker()), KeyConfigurationError)
 
@@ -576,40 +563,20 @@ def test_padded_token_refused() -> None:
     refused(lambda: verify(worker("HS256"), envelope), InvalidSignatureError)
 
 
-def test_unknown_execution_contract() -> None:
-    envelope = build(
-        producer(),
-        execution_contract="exact_offering_v1",
-        offering_id="vllm:gpu1:inference:m",
-        provider_instance="gpu1",
-    )
-    changed = resign(
-        envelope,
-        claims={"execution_contract": "exact_offering_v9"},
-        fields={"execution_contract": "exact_offering_v9"},
-    )
-    refused(lambda: verify(worker(), changed), UnsupportedContractError)
-    refused(
-        lambda: build(producer(), execution_contract="best_effort_v2", offering_id="x"),
-        UnsupportedContractError,
-    )
-
-
-def test_exact_offering_needs_offering_and_instance() -> None:
-    base = build(producer())
-    no_offering = resign(
-        base,
-        claims={"execution_contract": "exact_offering_v1"},
-        fields={"execution_contract": "exact_offering_v1"},
-    )
-    refused(lambda: verify(worker(), no_offering), MalformedError)
-    any_instance = resign(
-        base,
-        claims={"execution_contract": "exact_offering_v1", "offering_id": "o"},
-        fields={"execution_contract": "exact_offering_v1", "offering_id": "o"},
-    )
-    refused(lambda: verify(worker(), any_instance), MalformedError)
-    refused(lambda: build(producer(), execution_contract="exact_offering_v1"), MalformedError)
+def test_execution_contracts_are_refused() -> None:
+    """No product path pins work to an offering: an exact-offering request is refused, typed, never run loosely."""
+    base = build(producer(), provider_instance="gpu1")
+    for contract in ("exact_offering_v1", "exact_offering_v9"):
+        signed = resign(
+            base,
+            claims={"execution_contract": contract, "offering_id": "vllm:gpu1:inference:m"},
+            fields={"execution_contract": contract, "offering_id": "vllm:gpu1:inference:m"},
+        )
+        refused(lambda signed=signed: verify(worker(), signed), UnsupportedContractError)
+    offering_only = resign(base, claims={"offering_id": "o"}, fields={"offering_id": "o"})
+    refused(lambda: verify(worker(), offering_only), MalformedError)
+    unsigned = {**base, "execution_contract": "exact_offering_v1", "offering_id": "o"}
+    refused(lambda: verify(worker(), unsigned), ClaimMismatchError)
 
 
 def test_operation_not_allowed() -> None:
@@ -617,6 +584,7 @@ def test_operation_not_allowed() -> None:
     envelope["operation"] = "rm_rf"
     refused(lambda: verify(worker(), envelope), OperationNotAllowedError)
     refused(lambda: build(producer(), operation="image"), OperationNotAllowedError)
+    refused(lambda: build(producer(), operation="count_tokens"), OperationNotAllowedError)  # no task serves it
     embed = build(producer(), operation="embed", params={"input": ["a"]})
     refused(lambda: verify(worker(), embed, operations={"chat", "stream_chat"}), OperationNotAllowedError)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jwt.exceptions import DecodeError
 
 from bench.codec import bench_codec
-from provider.protocol.codec import _StrictJWS
+from provider.protocol.jws import StrictJWS as _StrictJWS
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/=!. "
 

@@ -1,9 +1,7 @@
-"""Lane keys: slugs, shared and offering keys, parsing, fingerprints, lane choice and token estimates."""
+"""Lane keys: slugs, shared and offering keys, parsing, lane choice and token estimates."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
@@ -12,26 +10,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from provider.fleet.lanes import (
-    BYTES_PER_TOKEN_ESTIMATE,
-    FINGERPRINT_HEX_CHARS,
-    MAX_PUBLIC_SEGMENT_CHARS,
-    MESSAGE_OVERHEAD_TOKENS,
-    REPLY_PRIMING_TOKENS,
     LaneError,
     LaneKey,
     NoLaneError,
     choose_lane,
-    eligibility_fingerprint,
-    estimate_tokens,
     lane_kind,
-    looks_sensitive,
-    needed_context,
     normalize_usage_type,
     offering_lane_key,
     parse_lane,
-    public_segment,
     shared_lane_key,
     slug,
+)
+from provider.fleet.token_estimate import (
+    BYTES_PER_TOKEN_ESTIMATE,
+    MESSAGE_OVERHEAD_TOKENS,
+    REPLY_PRIMING_TOKENS,
+    estimate_tokens,
+    needed_context,
 )
 
 # --- slug -------------------------------------------------------------------------------------------------
@@ -135,75 +130,9 @@ def test_bad_context_window_is_refused(window: object) -> None:
         shared_lane_key("m", context_window=window)  # type: ignore[arg-type]
 
 
-def test_boundary_and_fingerprint_segments_in_order() -> None:
-    assert (
-        shared_lane_key("qwen3.6:27b", "generation", context_window=32_768, boundary="corp_lan")
-        == "llm.fleet.inference.qwen3-6-27b.ctx32768.boundary.corp-lan"
-    )
-    assert (
-        shared_lane_key("qwen3.6:27b", "chat", context_window=32_768, fingerprint="abc123")
-        == "llm.fleet.inference.qwen3-6-27b.ctx32768.elig.abc123"
-    )
-    assert (
-        shared_lane_key("qwen3.6:27b", context_window=32_768, boundary="corp_lan", fingerprint="abc123")
-        == "llm.fleet.inference.qwen3-6-27b.ctx32768.boundary.corp-lan.elig.abc123"
-    )
-    assert (
-        shared_lane_key("---Qwen///3.6:::27B---", "chat", boundary="///corp---lan///")
-        == "llm.fleet.inference.qwen-3-6-27b.boundary.corp-lan"
-    )
-    assert shared_lane_key("e5", "embed", boundary="dmz") == "llm.fleet.embed.e5.boundary.dmz"
-
-
 def test_empty_model_is_refused() -> None:
     with pytest.raises(LaneError, match="model"):
         shared_lane_key(":::")
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"boundary": "bearer_token"}, "boundary"),
-        ({"boundary": "corp-auth"}, "boundary"),
-        ({"boundary": "session-pool"}, "boundary"),
-        ({"boundary": "my-cookie"}, "boundary"),
-        ({"boundary": "jwt"}, "boundary"),
-        ({"boundary": "Signature"}, "boundary"),
-        ({"boundary": "db_password"}, "boundary"),
-        ({"boundary": "aws-credentials"}, "boundary"),
-        ({"boundary": "team-secret"}, "boundary"),
-        ({"boundary": "APIKEY"}, "boundary"),
-        ({"fingerprint": "api_key_v2"}, "eligibility fingerprint"),
-        ({"fingerprint": "refresh-token"}, "eligibility fingerprint"),
-    ],
-)
-def test_sensitive_public_segments_are_refused(kwargs: dict[str, str], match: str) -> None:
-    with pytest.raises(LaneError, match=match) as info:
-        shared_lane_key("qwen3.6:27b", **kwargs)
-    assert "sensitive" in str(info.value)
-    # the refused value itself is never echoed
-    assert next(iter(kwargs.values())) not in str(info.value)
-
-
-def test_oversized_public_segment_is_refused() -> None:
-    with pytest.raises(LaneError, match="exceeds 64"):
-        shared_lane_key("qwen3.6:27b", boundary="a" * 65)
-    assert shared_lane_key("m", boundary="a" * 64).endswith("a" * MAX_PUBLIC_SEGMENT_CHARS)
-
-
-def test_length_limit_applies_after_slugging() -> None:
-    assert public_segment("a_" * 32 + "___", "boundary") == "-".join(["a"] * 32)
-
-
-def test_empty_public_segment_is_refused() -> None:
-    with pytest.raises(LaneError, match="boundary is empty"):
-        shared_lane_key("m", boundary="///")
-
-
-@pytest.mark.parametrize("word", ["monkey-island", "turkey", "tokenizer-x", "corp-lan", "gpu-pool", "eu-west-1"])
-def test_harmless_segments_pass(word: str) -> None:
-    assert not looks_sensitive(word)
-    assert public_segment(word, "boundary") == slug(word)
 
 
 def test_whole_key_length_is_bounded() -> None:
@@ -255,25 +184,6 @@ def test_offering_instance_empty_after_slugging_is_refused() -> None:
         ),
         ("llm.fleet.inference.m", LaneKey(style="shared", kind="inference", model_slug="m")),
         (
-            "llm.fleet.inference.qwen3-6-27b.ctx32768.boundary.corp-lan.elig.abc123",
-            LaneKey(
-                style="shared",
-                kind="inference",
-                model_slug="qwen3-6-27b",
-                context_window=32768,
-                boundary="corp-lan",
-                fingerprint="abc123",
-            ),
-        ),
-        (
-            "llm.fleet.inference.qwen3-6-27b.elig.abc123",
-            LaneKey(style="shared", kind="inference", model_slug="qwen3-6-27b", fingerprint="abc123"),
-        ),
-        (
-            "llm.fleet.embed.e5.boundary.dmz",
-            LaneKey(style="shared", kind="embed", model_slug="e5", boundary="dmz"),
-        ),
-        (
             "llm.fleet.offering.gpu-01.nomic-embed-text-latest.embed",
             LaneKey(style="offering", kind="embed", model_slug="nomic-embed-text-latest", instance_slug="gpu-01"),
         ),
@@ -312,10 +222,9 @@ def test_parsed_usage_type() -> None:
         "llm.fleet.inference.m.ctx-1",
         "llm.fleet.inference.Qwen",  # not a slug
         "llm.fleet.inference.m.ctx8.extra",
-        "llm.fleet.inference.m.elig.abc.boundary.dmz",  # wrong order
-        "llm.fleet.inference.m.boundary",
-        "llm.fleet.inference.m.boundary.bearer-token",
-        "llm.fleet.inference.m.boundary." + "a" * 65,
+        "llm.fleet.inference.m.ctx8.boundary.dmz",  # no boundary or fingerprint segments (never built)
+        "llm.fleet.inference.m.elig.abc123",
+        "llm.fleet.inference.m.cap",
         "llm.fleet.offering.gpu.m",
         "llm.fleet.offering.gpu.m.chat",
         "llm.fleet.offering.gpu.m.inference.extra",
@@ -332,122 +241,16 @@ def test_parse_lane_refuses_malformed_keys(key: str) -> None:
     model=st.text(min_size=1, max_size=40),
     window=st.one_of(st.none(), st.integers(min_value=1, max_value=10**7)),
     usage=st.sampled_from(["inference", "embedding"]),
-    boundary=st.one_of(st.none(), st.sampled_from(["corp_lan", "dmz", "eu-west-1"])),
+    capabilities=st.sets(st.sampled_from(["tools", "vision"])),
 )
-def test_built_keys_parse_back(model: str, window: int | None, usage: str, boundary: str | None) -> None:
+def test_built_keys_parse_back(model: str, window: int | None, usage: str, capabilities: set[str]) -> None:
     if not slug(model):
         return
-    key = shared_lane_key(model, usage, context_window=window, boundary=boundary)
+    key = shared_lane_key(model, usage, context_window=window, capabilities=capabilities)
     parsed = parse_lane(key)
     assert parsed.key == key
     assert parsed.model_slug == slug(model)
     assert parsed.context_window == (window if usage == "inference" else None)
-
-
-# --- eligibility fingerprint ------------------------------------------------------------------------------
-
-_BASE = {
-    "usage_type": "inference",
-    "capabilities": ["chat", "tools"],
-    "context_window": 32768,
-    "max_output_tokens": 8192,
-    "policy_tags": ["internal_only", "phi_allowed"],
-}
-
-
-def test_fingerprint_shape() -> None:
-    fingerprint = eligibility_fingerprint(**_BASE)  # type: ignore[arg-type]
-    assert len(fingerprint) == FINGERPRINT_HEX_CHARS == 16
-    assert all(ch in "0123456789abcdef" for ch in fingerprint)
-    assert public_segment(fingerprint, "eligibility fingerprint") == fingerprint
-
-
-def test_fingerprint_is_sha256_of_canonical_json() -> None:
-    document = {
-        "capabilities": ["chat", "tools"],
-        "context_window": 32768,
-        "eligibility": {"ac_power": True, "zones": ["a", "b"]},
-        "max_output_tokens": 8192,
-        "policy_tags": ["internal_only", "phi_allowed"],
-        "usage_type": "inference",
-    }
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-    expected = hashlib.sha256(canonical).hexdigest()[:16]
-    got = eligibility_fingerprint(**_BASE, eligibility={"zones": ["b", "a"], "ac_power": True})  # type: ignore[arg-type]
-    assert got == expected
-
-
-def test_fingerprint_is_stable_under_ordering() -> None:
-    first = eligibility_fingerprint(
-        usage_type="chat",
-        capabilities=["tools", "chat"],
-        policy_tags=["b", "a"],
-        eligibility={"boundary": "corp_lan", "zones": ["x", "y"], "nested": {"b": 1, "a": [3, 1, 2]}},
-    )
-    second = eligibility_fingerprint(
-        usage_type="inference",
-        capabilities=["chat", "tools", "chat"],
-        policy_tags=["a", "b"],
-        eligibility={"nested": {"a": [2, 1, 3], "b": 1}, "zones": ["y", "x"], "boundary": "corp_lan"},
-    )
-    assert first == second
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"usage_type": "embedding"},
-        {"capabilities": ["chat"]},
-        {"context_window": 65536},
-        {"max_output_tokens": 4096},
-        {"policy_tags": ["internal_only"]},
-        {"eligibility": {"ac_power": False}},
-    ],
-)
-def test_fingerprint_changes_with_each_input(change: dict[str, object]) -> None:
-    base = eligibility_fingerprint(**_BASE, eligibility={"ac_power": True})  # type: ignore[arg-type]
-    changed = {**_BASE, "eligibility": {"ac_power": True}, **change}
-    assert eligibility_fingerprint(**changed) != base  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("eligibility", "path"),
-    [
-        ({"endpoint_url": "gpu"}, "eligibility.endpoint_url"),
-        ({"nested": {"Authorization": "x"}}, "eligibility.nested.Authorization"),
-        ({"nested": {"api_key_v2": "abc123"}}, "eligibility.nested.api_key_v2"),
-        ({"nested": {"x_api_key": "def456"}}, "eligibility.nested.x_api_key"),
-        ({"nested": {"bearer_token": "ghi789"}}, "eligibility.nested.bearer_token"),
-        ({"nested": {"client_secret": "s"}}, "eligibility.nested.client_secret"),
-        ({"nested": {"refresh_token": "r"}}, "eligibility.nested.refresh_token"),
-        ({"deep": [{"ok": 1}, {"password": "p"}]}, "eligibility.deep.1.password"),
-        ({"prompt": "hello"}, "eligibility.prompt"),
-        ({"model_path": "/models/x"}, "eligibility.model_path"),
-        ({"path": "/models/x"}, "eligibility.path"),
-        ({"weights_dir": "models"}, "eligibility.weights_dir"),
-        ({"source_uri": "s3-bucket"}, "eligibility.source_uri"),
-        ({"system_prompt": "be nice"}, "eligibility.system_prompt"),
-        ({"ip": "10.0.0.5"}, "eligibility.ip"),
-        ({"hostName": "gpu-01"}, "eligibility.hostName"),
-        ({"host": "gpu-01"}, "eligibility.host"),
-        ({"instance_id": "gpu-01"}, "eligibility.instance_id"),
-        ({"user": "alice"}, "eligibility.user"),
-        ({"mirror": "https://gpu.internal"}, "eligibility.mirror"),
-        ({"note": "Bearer abc.def"}, "eligibility.note"),
-        ({"blob": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.sig"}, "eligibility.blob"),
-    ],
-)
-def test_fingerprint_refuses_sensitive_and_identity_content(eligibility: dict[str, object], path: str) -> None:
-    with pytest.raises(LaneError) as info:
-        eligibility_fingerprint(usage_type="inference", capabilities=["chat"], eligibility=eligibility)
-    assert path in str(info.value)
-    for value in ("abc123", "def456", "ghi789", "gpu.internal", "alice"):
-        assert value not in str(info.value)
-
-
-def test_fingerprint_refuses_values_json_cannot_carry() -> None:
-    with pytest.raises(LaneError, match="canonical JSON"):
-        eligibility_fingerprint(usage_type="inference", eligibility={"when": object()})
 
 
 # --- choosing a lane --------------------------------------------------------------------------------------
@@ -509,17 +312,6 @@ def test_choose_lane_ignores_embed_offering_and_windowless_lanes() -> None:
     lanes = ["llm.fleet.embed.m", "llm.fleet.offering.a.m.inference", "llm.fleet.inference.m"]
     with pytest.raises(NoLaneError):
         choose_lane(lanes, 1)
-
-
-def test_choose_lane_matches_boundary_and_fingerprint_exactly() -> None:
-    lanes = [
-        "llm.fleet.inference.m.ctx4096.boundary.corp-lan",
-        "llm.fleet.inference.m.ctx8192",
-        "llm.fleet.inference.m.ctx2048.elig.abc123",
-    ]
-    assert choose_lane(lanes, 100) == "llm.fleet.inference.m.ctx8192"
-    assert choose_lane(lanes, 100, boundary="corp_lan") == "llm.fleet.inference.m.ctx4096.boundary.corp-lan"
-    assert choose_lane(lanes, 100, fingerprint="abc123") == "llm.fleet.inference.m.ctx2048.elig.abc123"
 
 
 def test_choose_lane_accepts_lane_keys_and_offering_likes() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from provider.fleet.lanes import LaneError, choose_lane, parse_lane
+from provider.fleet.lanes import LaneError, choose_lane
 from provider.fleet.offerings import (
     CAPABILITY_ALIASES,
     Offering,
@@ -316,39 +316,6 @@ def test_lane_styles() -> None:
         offering.lane("broadcast")  # type: ignore[arg-type]
 
 
-def test_lane_with_boundary_and_fingerprint() -> None:
-    offering = seed_offering()
-    key = offering.lane(boundary="corp_lan", with_fingerprint=True)
-    parsed = parse_lane(key)
-    assert parsed.boundary == "corp-lan"
-    assert parsed.fingerprint == offering.eligibility_fingerprint
-    assert parsed.context_window == 32_768
-    assert key.startswith("llm.fleet.inference.qwen3-6-27b-q4-k-m.ctx32768.boundary.corp-lan.elig.")
-
-
-def test_fingerprint_ignores_identity_and_follows_eligibility() -> None:
-    here = seed_offering()
-    elsewhere = seed_offering(
-        offering_id=None,
-        provider_instance="gpu-07",
-        health={"status": "degraded"},
-        routing_metadata={"region": "eu"},
-        metadata={"enabled": True, "eligibility": {"ac_power": True}, "note": "rack 4"},
-    )
-    assert here.eligibility_fingerprint == elsewhere.eligibility_fingerprint
-    on_battery = seed_offering(metadata={"eligibility": {"ac_power": False}})
-    assert on_battery.eligibility_fingerprint != here.eligibility_fingerprint
-    aliased = seed_offering(capabilities=["function_calling", "chat", "vision", "reasoning"])
-    assert aliased.eligibility_fingerprint == here.eligibility_fingerprint
-
-
-def test_fingerprint_refuses_secrets_in_eligibility() -> None:
-    offering = seed_offering(metadata={"eligibility": {"gate": {"api_key": "sk-planted"}}})
-    with pytest.raises(LaneError, match=r"eligibility\.gate\.api_key") as info:
-        offering.lane(with_fingerprint=True)
-    assert "sk-planted" not in str(info.value)
-
-
 def test_offerings_feed_choose_lane() -> None:
     small = Offering(instance_id="a", model="m", context_window=8192)
     large = Offering(instance_id="b", model="m", context_window=32768)
@@ -368,7 +335,6 @@ def test_json_round_trip() -> None:
     assert Offering.model_validate_json(offering.model_dump_json()) == offering
     again = Offering.model_validate(dumped)
     assert again.shared_lane == offering.shared_lane
-    assert again.eligibility_fingerprint == offering.eligibility_fingerprint
 
 
 def test_json_form_is_plain() -> None:

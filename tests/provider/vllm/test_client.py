@@ -364,7 +364,7 @@ class TestStateAndDiscovery:
         client = fake_vllm.client()
         assert client.tokenize("tiny-llama", prompt="Hello world").tokens == [411, 408]
         assert fake_vllm.last_json() == {"model": "tiny-llama", "prompt": "Hello world"}
-        assert client.count_tokens("tiny-llama", messages=MESSAGES) == 2
+        assert client.tokenize("tiny-llama", messages=MESSAGES).count == 2
         assert fake_vllm.last_json() == {
             "model": "tiny-llama",
             "messages": MESSAGES,
@@ -737,12 +737,15 @@ class TestApiKey:
 
 
 class TestConstruction:
-    def test_from_settings(self, fake_vllm: FakeVllm) -> None:
+    def test_thinking_and_timeouts_from_settings(self, fake_vllm: FakeVllm) -> None:
         fake_vllm.answer(CHAT, "chat")
         settings = Settings(enable_thinking=True, timeouts=Timeouts(chat_s=9))
         instance = InstanceSettings(name="gpu1", base_url="http://gpu1.test:8000", enable_thinking=False)
-        client = VllmClient.from_settings(
-            instance, settings, http=httpx.Client(transport=httpx.MockTransport(fake_vllm.handle))
+        client = VllmClient(
+            instance,
+            http=httpx.Client(transport=httpx.MockTransport(fake_vllm.handle)),
+            enable_thinking=settings.thinking_default(instance),
+            timeouts=settings.timeouts,
         )
         client.chat(chat_request())
         assert "chat_template_kwargs" not in fake_vllm.last_json()

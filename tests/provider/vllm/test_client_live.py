@@ -132,7 +132,7 @@ class TestCalls:
         result = client.tokenize(CHAT_MODEL, prompt="hello world")
         assert result.count == len(result.tokens) > 0
         assert client.detokenize(CHAT_MODEL, result.tokens).strip() == "hello world"
-        assert client.count_tokens(CHAT_MODEL, messages=[{"role": "user", "content": "hello"}]) > 0
+        assert client.tokenize(CHAT_MODEL, messages=[{"role": "user", "content": "hello"}]).count > 0
 
     def test_health_version_load_models(self, client: VllmClient) -> None:
         assert client.health() is True
@@ -154,6 +154,39 @@ class TestCalls:
     def test_model_detail_miss(self, client: VllmClient) -> None:
         with pytest.raises(NotFoundError):
             client.model_detail("nope")
+
+    def test_model_detail_is_cached_and_a_miss_is_not(self, sim: Any) -> None:
+        listings: list[str] = []
+
+        def note(request: httpx.Request) -> None:
+            if request.url.path == "/v1/models":
+                listings.append(request.url.path)
+
+        http = httpx.Client(event_hooks={"request": [note]})
+        with VllmClient(InstanceSettings(name="sim", base_url=sim.url), http=http) as cached:
+            cached.list_models()  # what discovery does: it warms the cache
+            assert cached.model_detail(CHAT_MODEL).context_window == 32768
+            assert cached.model_detail(EMBED_MODEL).context_window == 256
+            assert len(listings) == 1  # both answered from the cache
+            for _ in range(2):
+                with pytest.raises(NotFoundError):
+                    cached.model_detail("nope")
+            assert len(listings) == 3  # each miss asks the server again
+            sim.configure(models=[{"name": CHAT_MODEL, "max_model_len": 4096}])
+            assert cached.model_detail(CHAT_MODEL).context_window == 32768  # still cached (24 h)
+        http.close()
+
+    def test_an_expired_or_failed_model_detail_asks_again(self, sim: Any) -> None:
+        instance = InstanceSettings(name="sim", base_url=sim.url)
+        with VllmClient(instance, model_cache_ttl_s=0.0) as uncached:
+            assert uncached.model_detail(CHAT_MODEL).context_window == 32768
+            sim.configure(models=[{"name": CHAT_MODEL, "max_model_len": 4096}])
+            assert uncached.model_detail(CHAT_MODEL).context_window == 4096
+        with VllmClient(instance) as cached:
+            fail_next(sim, route="models", mode="status", status=500)
+            with pytest.raises(ServerError):
+                cached.model_detail(CHAT_MODEL)
+            assert cached.model_detail(CHAT_MODEL).context_window == 4096  # the error was not cached
 
     def test_readiness(self, client: VllmClient, sim: Any) -> None:
         readiness = client.readiness()

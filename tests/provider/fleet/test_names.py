@@ -1,0 +1,50 @@
+"""Queue, exchange and header names are spelled once, in ``provider.fleet.names``: no other module of provider/,
+tasks/ or celeryconfig.py writes one as a literal."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from provider.fleet import names
+
+ROOT = Path(__file__).resolve().parents[3]
+NAMES_MODULE = ROOT / "provider" / "fleet" / "names.py"
+# Broker headers we write or read, beside the declared names' own values.
+HEADER = re.compile(r"x-(fleet-|death|first-death|delivery-count)")
+
+
+def _sources() -> list[Path]:
+    files = [*ROOT.joinpath("provider").rglob("*.py"), *ROOT.joinpath("tasks").rglob("*.py"), ROOT / "celeryconfig.py"]
+    return [path for path in files if path != NAMES_MODULE]
+
+
+def test_names_are_written_only_in_the_names_module() -> None:
+    values = {getattr(names, name) for name in names.__all__}
+    found: list[str] = []
+    for path in _sources():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and (node.value in values or HEADER.match(node.value))
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []
+
+
+def test_the_lane_prefix_is_the_fleet_exchange_and_management_queues_sit_under_it() -> None:
+    assert names.LANE_PREFIX == names.FLEET_EXCHANGE
+    assert names.MANAGEMENT_QUEUE_PREFIX.startswith(f"{names.LANE_PREFIX}.")
+    assert names.CONTROL_QUEUE.startswith(f"{names.LANE_PREFIX}.")
