@@ -31,6 +31,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
+from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, DELIVERY_COUNT_HEADER
 from provider.protocol import (
     ERROR_MESSAGE_TYPE,
     PLAIN_RESPONSE_FIELDS,
@@ -46,14 +47,13 @@ from provider.protocol import (
 )
 from provider.vllm.errors import ProviderError
 from provider.vllm.retry import call_with_retries
-from tasks.consumer import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER
 from tasks.errors import FleetTaskError, count_rejection
 from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TOKENS
 from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
 from tasks.redaction import describe_exception
 from tasks.runtime import FleetRuntime, runtime
-from tasks.streams import StreamWriter
+from tasks.stream_writer import StreamWriter
 from tasks.worker import HandBack, ServedInstance, WorkerFleet, worker_fleet
 
 __all__ = [
@@ -404,9 +404,9 @@ def hand_back(ctx: RequestContext, why: HandBack) -> NoReturn:
 
 def delivery_count(task: Task[Any, Any]) -> int:
     """How many times RabbitMQ returned this message to its lane before (its ``x-delivery-count`` header)."""
-    value = task.request.get("x-delivery-count")
+    value = task.request.get(DELIVERY_COUNT_HEADER)
     if value is None:
-        value = (getattr(task.request, "headers", None) or {}).get("x-delivery-count")
+        value = (getattr(task.request, "headers", None) or {}).get(DELIVERY_COUNT_HEADER)
     try:
         return int(value or 0)
     except (TypeError, ValueError):
