@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from provider.protocol import FleetError
+from provider.protocol import FleetTimeout
 from provider.vllm.models import StreamChunk
 from tasks.producer import FleetResult, FleetTask
 from tasks.runtime import runtime
@@ -37,7 +37,7 @@ async def submit(task: FleetTask, **kwargs: Any) -> Any:
 
 
 async def gather_result(result: FleetResult, timeout: float | None = None) -> Any:
-    """The opened response of a submitted request (raises ``FleetError`` like ``.get()``)."""
+    """The opened response of a submitted request (raises ``FleetError`` subclasses like ``.get()``)."""
     return await asyncio.to_thread(result.get, timeout)
 
 
@@ -61,7 +61,7 @@ async def astream(
                 return
             remaining_ms = int((deadline - time.time()) * 1000)
             if remaining_ms <= 0:
-                raise FleetError("the stream did not finish before its deadline", code="fleet_timeout")
+                raise FleetTimeout("the stream did not finish before its deadline")
             block_ms = min(_READ_BLOCK_MS, remaining_ms)
             reply: Any = await client.xread({key: cursor.entry_id}, count=READ_BATCH, block=block_ms)
             entries = reply[0][1] if reply else []

@@ -36,6 +36,7 @@ from provider.protocol import (
     ReplayedError,
     VerifiedRequest,
 )
+from provider.protocol.errors import Cancelled, DeadLettered, FleetTimeout, InvalidRequest
 from provider.vllm.errors import ProviderError
 from provider.vllm.models import ChatRequest, ChatResponse, EmbedRequest
 from provider.vllm.retry import call_with_retries
@@ -132,11 +133,11 @@ def _execute(task: Task[Any, Any], raw: Any, run: Runner) -> dict[str, Any]:
     except Exception as caught:  # every failure becomes a typed error envelope; nothing crashes the worker
         failure: Exception = caught
         if isinstance(caught, ValidationError):  # the params do not make a valid request: say which fields
-            failure = FleetError(f"invalid request: {describe_exception(caught)}", code="invalid_request")
-        elif not isinstance(caught, (EnvelopeError, ProviderError)):
+            failure = InvalidRequest(f"invalid request: {describe_exception(caught)}")
+        elif not isinstance(caught, (EnvelopeError, FleetError, ProviderError)):
             # by type and field names only: an exception's text or traceback may quote the prompt
             log.error("unexpected failure serving %s: %s", verified.request_id, describe_exception(caught))
-        elif isinstance(caught, EnvelopeError) and not isinstance(caught, FleetError):
+        elif isinstance(caught, EnvelopeError):
             count_rejection(caught.code)  # refused after the claim (the deadline), counted like the others
         envelope = rt.codec.error(verified, failure)
         rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
@@ -203,10 +204,7 @@ def _hand_back(task: Task[Any, Any], rt: FleetRuntime, verified: VerifiedRequest
     if count > rt.settings.lanes.delivery_limit or deliveries + 1 >= rt.settings.lanes.delivery_limit + QUEUE_MARGIN:
         envelope = rt.codec.error(
             verified,
-            FleetError(
-                f"no worker could serve the request after {count - 1} hand-backs; it was dead-lettered",
-                code="fleet_dead_lettered",
-            ),
+            DeadLettered(f"no worker could serve the request after {count - 1} hand-backs; it was dead-lettered"),
         )
         log.warning("dead-lettering %s after %d hand-backs", verified.request_id, count - 1)
         if not rt.amqp:  # RabbitMQ dead-letters a rejected message itself; a Redis lane needs it copied
@@ -270,7 +268,7 @@ def _idempotent(rt: FleetRuntime, verified: VerifiedRequest, work: Callable[[], 
         return work()
     first = rt.ledger.wait_for_result(outcome.request_id, timeout_s=max(0.0, verified.time_left_s()))
     if first is None:
-        raise FleetError("the first request with this idempotency key did not finish in time", code="fleet_timeout")
+        raise FleetTimeout("the first request with this idempotency key did not finish in time")
     opened = rt.codec.open_response(first.result, request_id=outcome.request_id)
     return {name: opened[name] for name in RESPONSE_BODY_FIELDS if name in opened}
 
@@ -414,7 +412,7 @@ def stream_chat_runner(task: Task[Any, Any]) -> Runner:
             raise
         except _Cancelled:
             writer.cancelled("cancelled by the producer")
-            raise FleetError("the stream was cancelled by its producer", code="cancelled", retryable=False) from None
+            raise Cancelled("the stream was cancelled by its producer") from None
         except (ProviderError, EnvelopeError) as exc:
             writer.error(rt.codec.error(verified, exc))
             raise

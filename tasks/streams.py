@@ -16,7 +16,7 @@ entry is also signed by the worker (Ed25519, its response key ``w``): the signat
 the kind, the entry's sequence number ``n`` (0, 1, 2, … in stream order) and the stored data. Readers skip (and
 count) an entry that does not verify or repeats a sequence number already read, so a copied, re-kinded or
 forged entry is never yielded and the genuine ones are read on; a genuine entry past a missing one (the stream
-was truncated) ends the read with ``FleetError(code="stream_gap")``.
+was truncated) ends the read with ``StreamGap``.
 The stream is capped far above any response's chunk count and expires ``stream_retention_s`` after its end, so a
 reader may start late or resume from any entry id within that time and miss nothing.
 """
@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from pydantic import TypeAdapter, ValidationError
 
 from provider.protocol import PURPOSE_STREAM, EnvelopeError, FleetError, KeyRing, open_sealed, seal
+from provider.protocol.codes import MALFORMED
+from provider.protocol.errors import Cancelled, FleetTimeout, KeyConfiguration, RequestRefused, StreamGap
 from provider.vllm.models import StreamChunk
 from tasks.errors import fleet_error_from_envelope
 from tasks.metrics import FORGED_STREAM_ENTRIES
@@ -342,7 +344,7 @@ def read_stream(
             return
         remaining_ms = int((deadline - time.time()) * 1000)
         if remaining_ms <= 0:
-            raise FleetError("the stream did not finish before its deadline", code="fleet_timeout", retryable=False)
+            raise FleetTimeout("the stream did not finish before its deadline")
         reply: Any = client.xread({key: cursor.entry_id}, count=READ_BATCH, block=min(READ_BLOCK_MS, remaining_ms))
         entries = reply[0][1] if reply else []
 
@@ -369,9 +371,7 @@ class StreamCursor:
         (``ended``), and raises ``FleetError`` at a failed one, after the items before it. Entries no worker
         signed for this request, or that repeat one already read, are skipped and counted (``refused``)."""
         if not sealer.can_verify:
-            raise FleetError(
-                "no worker response keys are configured here (response_verify_keys)", code="key_configuration"
-            )
+            raise KeyConfiguration("no worker response keys are configured here (response_verify_keys)")
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             self.entry_id = entry_id
@@ -386,7 +386,7 @@ class StreamCursor:
                 self._refuse(entry_id, "stream_duplicate")
                 continue
             if seq > self.next_seq:
-                raise FleetError(f"the stream lost {seq - self.next_seq} entries before {entry_id}", code="stream_gap")
+                raise StreamGap(f"the stream lost {seq - self.next_seq} entries before {entry_id}")
             self.next_seq = seq + 1
             items = decode_entry(kind, data, entry_id)
             at_position = entry_id == self._position_id  # what of the entry at the resume position was read
@@ -411,7 +411,7 @@ def split_position(position: str) -> tuple[str, int]:
     """``"<entry id>/<n>"`` → (entry id, chunks of it already read); a bare entry id → (it, 0)."""
     entry_id, _, consumed = position.partition("/")
     if consumed and not consumed.isdigit():
-        raise FleetError(f"not a stream position: {position!r}", code="malformed", retryable=False)
+        raise RequestRefused(f"not a stream position: {position!r}", code=MALFORMED)
     return entry_id, int(consumed or 0)
 
 
@@ -430,10 +430,10 @@ def decode_entry(kind: bytes, data: bytes, entry_id: str) -> Sequence[StreamChun
         if kind == KIND_ERROR:
             raise fleet_error_from_envelope(json.loads(data))
         if kind == KIND_CANCELLED:
-            raise FleetError(str(json.loads(data).get("reason", "cancelled")), code="cancelled")
+            raise Cancelled(str(json.loads(data).get("reason", "cancelled")))
     except (ValueError, TypeError, KeyError, AttributeError, ValidationError):
-        raise FleetError("the stream holds an entry that cannot be read", code="malformed") from None
-    raise FleetError("the stream holds an entry of an unknown kind", code="malformed")
+        raise RequestRefused("the stream holds an entry that cannot be read", code=MALFORMED) from None
+    raise RequestRefused("the stream holds an entry of an unknown kind", code=MALFORMED)
 
 
 class FleetStream:
@@ -492,7 +492,7 @@ class FleetStream:
                     self._parts.append(item.content)
                 yield item
         except FleetError as exc:
-            if exc.code != "fleet_timeout":  # an error or cancelled entry ends the stream; a timeout does not
+            if not isinstance(exc, FleetTimeout):  # an error or cancelled entry ends the stream; a timeout does not
                 self._ended, self._failure = True, exc
             raise
         self._ended = True
