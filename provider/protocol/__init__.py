@@ -1,4 +1,5 @@
-"""Fleet protocol v2: envelopes, signed tokens, sealing, the replay/idempotency ledger (no Celery here).
+"""Fleet protocol v2: envelopes, signed tokens, sealing, the replay/idempotency ledger, the caller's errors.
+Reads only its own ``SecuritySettings``; never imports Celery, httpx, ``provider.vllm``/``fleet`` or ``Settings``.
 
 A worker's order (design.md, "Deadlines, delivery, retries and replay")::
 
@@ -108,6 +109,7 @@ from provider.protocol.ledger import (
 )
 from provider.protocol.records import RecordAuthenticator
 from provider.protocol.sealing import PURPOSE_PARAMS, PURPOSE_RESULT, PURPOSE_STREAM, open_sealed, seal
+from provider.protocol.settings import SecuritySettings
 
 __all__ = [
     "ALLOWED_OPERATIONS",
@@ -177,6 +179,7 @@ __all__ = [
     "ResponseForged",
     "ResultUnavailable",
     "SealedBox",
+    "SecuritySettings",
     "StreamGap",
     "TokenLifetimeError",
     "TooLargeError",

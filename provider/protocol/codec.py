@@ -97,7 +97,7 @@ from provider.protocol.sealing import (
     open_sealed,
     seal,
 )
-from provider.settings import SecuritySettings
+from provider.protocol.settings import SecuritySettings
 
 __all__ = [
     "DEFAULT_PROVIDER",
