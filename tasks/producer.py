@@ -41,6 +41,7 @@ from provider.protocol.errors import (
     EnvelopeError,
     FleetTimeout,
     InvalidRequest,
+    NoFleetQueue,
     PublishFailed,
     ResponseForged,
     ResultUnavailable,
@@ -301,8 +302,8 @@ class FleetTask(Task):  # type: ignore[type-arg]
             raise
         except EnvelopeError as exc:
             raise as_fleet_error(exc) from None
-        except LaneError as exc:  # a lane key the request's own values cannot make
-            raise InvalidRequest(f"invalid request: {exc}") from None
+        except LaneError as exc:  # no lane key can be made for it (the registry's values, not the caller's)
+            raise NoFleetQueue(f"no lane can serve this request: {exc}") from None
         except RedisError as exc:
             raise PublishFailed(f"could not publish: Redis unreachable ({type(exc).__name__})") from None
 

@@ -57,7 +57,7 @@ Every code is a constant of ``provider.protocol.codes``. ``FleetError(message, c
 that code, with that class's ``retryable`` (a code this side does not know, e.g. from a newer worker, stays a
 plain ``FleetError`` and keeps the ``retryable`` it was given). ``as_fleet_error`` maps an ``EnvelopeError`` at
 the boundary; a worker's ``ProviderError`` reaches the caller through its error envelope, code kept.
-Internal errors never reach a caller as such: ``provider.fleet``'s ``LaneError`` becomes ``invalid_request`` at
+Internal errors never reach a caller as such: ``provider.fleet``'s ``LaneError`` becomes ``no_fleet_queue`` at
 submit, ``RegistryEventError`` only drops an event, and ``tasks.errors.FleetTaskError`` only carries an error
 envelope through Celery's result backend (the producer turns it back into a ``FleetError``).
 
