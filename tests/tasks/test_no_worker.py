@@ -79,3 +79,15 @@ def test_rabbitmq_dead_letters_a_request_that_expired_unserved(fleet: Fleet, gho
     finally:
         drop_dead_letters(result.id)
     assert listed() == []
+
+
+def test_a_request_revoked_as_expired_reads_as_fleet_timeout(fleet: Fleet, ghost: Offering) -> None:
+    """A worker that receives a request past its ``expires`` stores it revoked (Celery's ``TaskRevokedError``):
+    the caller gets ``FleetTimeout`` (matched by class), not Celery's exception."""
+    from tasks import chat
+
+    result = chat.delay(model=ghost.model, messages=HELLO, timeout_s=30)
+    result.backend.mark_as_revoked(result.id, reason="expired")  # what the worker stores for an expired message
+    with pytest.raises(FleetTimeout, match="expired before a worker took it") as info:
+        result.get()
+    assert info.value.code == codes.FLEET_TIMEOUT
