@@ -20,6 +20,7 @@ from typing import Any
 
 from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEATH_HEADER, FIRST_DEATH_REASON_HEADER
 from provider.protocol import EnvelopeError
+from provider.protocol.codes import FLEET_DEAD_LETTERED
 from tasks.app import app
 from tasks.producer import is_envelope
 from tasks.runtime import FleetRuntime, runtime
@@ -27,7 +28,7 @@ from tasks.runtime import FleetRuntime, runtime
 __all__ = ["DeadLetter", "drop_dead_letters", "list_dead_letters", "requeue_dead_letters"]
 
 _READ_LIMIT = 10_000
-_DEAD_LETTERED = "fleet_dead_lettered"
+_DEAD_LETTERED = FLEET_DEAD_LETTERED
 _MIN_TIME_LEFT_S = 5.0
 
 

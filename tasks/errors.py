@@ -1,8 +1,9 @@
-"""Errors of the Celery layer; what callers catch is ``provider.protocol.FleetError`` (``code``, ``message``).
+"""Errors of the Celery layer; what callers catch is ``provider.protocol.FleetError`` (its tree and codes are in
+``provider.protocol.errors``).
 
-``FleetTaskError`` only carries an error envelope from a worker to the result backend: Celery stores it as
-the task's failure (so Flower shows FAILURE with the code, never payload text) and the producer API turns
-it back into a ``FleetError``.
+``FleetTaskError`` is internal: it only carries an error envelope from a worker to the result backend (Celery
+stores it as the task's failure, so Flower shows FAILURE with the code, never payload text), and the producer
+API turns it back into the ``FleetError`` subclass of its code (``fleet_error_from_envelope``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from provider.protocol import FleetError
+from provider.protocol.codes import PROVIDER_ERROR
 from tasks.metrics import ENVELOPE_REJECTIONS
 
 __all__ = ["FleetTaskError", "count_rejection", "error_as_dict", "fleet_error_from_envelope"]
@@ -28,10 +30,10 @@ class FleetTaskError(Exception):
 
 
 def fleet_error_from_envelope(envelope: dict[str, Any]) -> FleetError:
-    """The ``FleetError`` an error envelope describes."""
+    """The ``FleetError`` (the subclass of its code) an error envelope describes."""
     return FleetError(
         str(envelope.get("message", "the fleet reported an error")),
-        code=str(envelope.get("code", "provider_error")),
+        code=str(envelope.get("code", PROVIDER_ERROR)),
         retryable=bool(envelope.get("retryable", False)),
         error_class=envelope.get("error_class"),
         request_id=envelope.get("request_id"),

@@ -11,7 +11,8 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from provider.protocol import EnvelopeError, FleetError
+from provider.protocol import EnvelopeError
+from provider.protocol.errors import Cancelled
 from provider.vllm.errors import ProviderError
 from provider.vllm.models import ChatRequest, ChatResponse, EmbedRequest
 from provider.vllm.streaming import StreamAccumulator
@@ -79,7 +80,7 @@ def run_stream(ctx: RequestContext) -> dict[str, Any]:
         raise
     except _Cancelled:
         writer.cancelled("cancelled by the producer")
-        raise FleetError("the stream was cancelled by its producer", code="cancelled", retryable=False) from None
+        raise Cancelled("the stream was cancelled by its producer") from None
     except (ProviderError, EnvelopeError) as exc:
         writer.error(rt.codec.error(verified, exc))
         raise

@@ -45,6 +45,7 @@ from provider.protocol import (
     ReplayedError,
     VerifiedRequest,
 )
+from provider.protocol.errors import DeadLettered, FleetTimeout, InvalidRequest
 from provider.vllm.errors import ProviderError
 from provider.vllm.retry import call_with_retries
 from tasks.errors import FleetTaskError, count_rejection
@@ -260,7 +261,7 @@ def idempotent(ctx: RequestContext, run: Runner) -> dict[str, Any]:
         return run_in_slot(ctx, run)
     first = rt.ledger.wait_for_result(outcome.request_id, timeout_s=max(0.0, verified.time_left_s()))
     if first is None:
-        raise FleetError("the first request with this idempotency key did not finish in time", code="fleet_timeout")
+        raise FleetTimeout("the first request with this idempotency key did not finish in time")
     opened = rt.codec.open_response(first.result, request_id=outcome.request_id)
     return {name: opened[name] for name in RESPONSE_BODY_FIELDS if name in opened}
 
@@ -331,11 +332,11 @@ def fail(ctx: RequestContext, caught: Exception) -> NoReturn:
     rt, verified = ctx.rt, ctx.verified
     failure: Exception = caught
     if isinstance(caught, ValidationError):  # the params do not make a valid request: say which fields
-        failure = FleetError(f"invalid request: {describe_exception(caught)}", code="invalid_request")
-    elif not isinstance(caught, (EnvelopeError, ProviderError)):
+        failure = InvalidRequest(f"invalid request: {describe_exception(caught)}")
+    elif not isinstance(caught, (EnvelopeError, ProviderError, FleetError)):
         # by type and field names only: an exception's text or traceback may quote the prompt
         log.error("unexpected failure serving %s: %s", verified.request_id, describe_exception(caught))
-    elif isinstance(caught, EnvelopeError) and not isinstance(caught, FleetError):
+    elif isinstance(caught, EnvelopeError):
         count_rejection(caught.code)  # refused after the claim (the deadline), counted like the others
     envelope = rt.codec.error(verified, failure)
     rt.ledger.complete(verified.request_id, rt.holder, envelope, ttl_s=rt.settings.result_expires_s)
@@ -373,10 +374,7 @@ def hand_back(ctx: RequestContext, why: HandBack) -> NoReturn:
     if count > rt.settings.lanes.delivery_limit or deliveries + 1 >= rt.settings.lanes.delivery_limit + QUEUE_MARGIN:
         envelope = rt.codec.error(
             verified,
-            FleetError(
-                f"no worker could serve the request after {count - 1} hand-backs; it was dead-lettered",
-                code="fleet_dead_lettered",
-            ),
+            DeadLettered(f"no worker could serve the request after {count - 1} hand-backs; it was dead-lettered"),
         )
         log.warning("dead-lettering %s after %d hand-backs", verified.request_id, count - 1)
         if not rt.broker.dead_letters_rejected:  # RabbitMQ dead-letters a rejected message; Redis needs a copy

@@ -25,15 +25,28 @@ import threading
 import time
 from typing import Any, ClassVar, cast
 
+from amqp.exceptions import MessageNacked
 from celery import Task
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from provider.fleet.lanes import LaneError
 from provider.protocol import MANAGEMENT_OPERATIONS, FleetError
-from provider.protocol.errors import RESPONSE_FORGED, EnvelopeError, as_fleet_error
+from provider.protocol.errors import (
+    Backpressure,
+    EnvelopeError,
+    FleetTimeout,
+    InvalidRequest,
+    NoFleetQueue,
+    PublishFailed,
+    ResponseForged,
+    ResultUnavailable,
+    as_fleet_error,
+)
 from provider.vllm.models import ChatRequest, EmbedRequest
 from tasks.errors import FleetTaskError, error_as_dict
 from tasks.routing import live_instances, pick_lane, pick_management_queue, queue_for
@@ -107,10 +120,8 @@ def _validated_params(operation: str, params: dict[str, Any]) -> tuple[str | Non
         parsed = model_cls.model_validate(params)
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
-        raise FleetError(
+        raise InvalidRequest(
             f"invalid {operation} request: {problems}",
-            code="invalid_request",
-            retryable=False,
             metadata={"field": ".".join(str(p) for p in exc.errors()[0]["loc"])},
         ) from None
     model = getattr(parsed, "model", None)
@@ -143,7 +154,7 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
     Only what a fleet worker signed for this request is returned. A stored value that is not (a forgery, or an
     early write by someone with Redis access) never hides the worker's answer: the result waits, up to the
     deadline, for an authentic one in the result backend or the worker's ledger, and otherwise raises
-    ``FleetError(code="response_forged")``.
+    ``ResponseForged`` (``response_forged``).
     """
 
     deadline: float | None = None
@@ -160,7 +171,8 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
 
         A result made from an id alone (``chat.AsyncResult(id)``, not from ``delay`` here) does not know its
         deadline: it waits at most the longest deadline of any operation (``timeouts.longest_s``), never for ever.
-        While the result store is unreachable it raises ``FleetError`` ``fleet_result_unavailable`` (retryable).
+        While the result store is unreachable it raises ``ResultUnavailable`` (retryable); with no answer by the
+        deadline (no worker took the request, or it ran too long) ``FleetTimeout`` (retryable).
         """
         if timeout is None:
             if self.deadline is not None:
@@ -178,17 +190,16 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
                 raise _result_unavailable(exc) from None
             # anything else: no answer a worker signed yet; look for one below
         except CeleryTimeoutError:
-            raise FleetError("no result before the request's deadline", code="fleet_timeout", retryable=True) from None
+            raise FleetTimeout("no result before the request's deadline") from None
         except FleetTaskError as exc:
             candidate = exc.envelope
-        except Exception as exc:  # a revoked (expired) task, or a failure no fleet worker signed
-            if type(exc).__name__ in ("TaskRevokedError",):
-                raise FleetError("the request expired before a worker took it", code="fleet_timeout") from None
+        except TaskRevokedError:  # expired in its lane before a worker took it
+            raise FleetTimeout("the request expired before a worker took it") from None
+        except Exception:  # a failure no fleet worker signed: look for an authentic answer below
+            candidate = None
         try:
             return self._open(candidate)
-        except FleetError as exc:
-            if exc.code != RESPONSE_FORGED:
-                raise
+        except ResponseForged as exc:
             forged = exc
         return self._authentic_answer(forged, until)
 
@@ -196,17 +207,14 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
         """The response a worker signed for this request; its typed error; or ``response_forged``."""
         return runtime().codec.open_response(candidate, request_id=self.id, lane=self.lane, operation=self.operation)
 
-    def _authentic_answer(self, forged: FleetError, until: float) -> Any:
+    def _authentic_answer(self, forged: ResponseForged, until: float) -> Any:
         """Wait for an answer a worker signed (result backend, then the worker's ledger) until ``until``."""
         rt = runtime()
         log.warning("ignoring an unauthenticated result for %s", self.id)
         while True:
             for candidate in self._candidates(rt):
-                try:
+                with contextlib.suppress(ResponseForged):
                     return self._open(candidate)
-                except FleetError as exc:
-                    if exc.code != RESPONSE_FORGED:
-                        raise
             if time.monotonic() >= until:
                 raise forged
             time.sleep(_AUTHENTIC_POLL_S)
@@ -231,18 +239,12 @@ class FleetResult(AsyncResult):  # type: ignore[type-arg]
         return found
 
 
-def _publish_failed(exc: BaseException) -> FleetError:
-    return FleetError(
-        f"could not publish: Redis unreachable ({type(exc).__name__})", code="fleet_publish_failed", retryable=True
-    )
+def _publish_failed(exc: BaseException) -> PublishFailed:
+    return PublishFailed(f"could not publish: Redis unreachable ({type(exc).__name__})")
 
 
-def _result_unavailable(exc: BaseException) -> FleetError:
-    return FleetError(
-        f"the result store is unreachable ({type(exc).__name__}); try get() again",
-        code="fleet_result_unavailable",
-        retryable=True,
-    )
+def _result_unavailable(exc: BaseException) -> ResultUnavailable:
+    return ResultUnavailable(f"the result store is unreachable ({type(exc).__name__}); try get() again")
 
 
 class FleetGroupResult:
@@ -297,16 +299,14 @@ class FleetTask(Task):  # type: ignore[type-arg]
             if args and len(args) == 1 and is_envelope(args[0]) and not kwargs:
                 return self._publish(args[0], producer=producer, options=options)
             if args:
-                raise FleetError(
-                    f"{self.name} takes keyword arguments or one envelope",
-                    code="invalid_request",
-                    retryable=False,
-                )
+                raise InvalidRequest(f"{self.name} takes keyword arguments or one envelope")
             return self.submit(producer=producer, options=options, **(kwargs or {}))
         except FleetError:
             raise
         except EnvelopeError as exc:
             raise as_fleet_error(exc) from None
+        except LaneError as exc:  # no lane key can be made for it (the registry's values, not the caller's)
+            raise NoFleetQueue(f"no lane can serve this request: {exc}") from None
         except RedisError as exc:
             raise _publish_failed(exc) from None
 
@@ -315,7 +315,7 @@ class FleetTask(Task):  # type: ignore[type-arg]
     ) -> FleetResult | FleetGroupResult:
         """Build, route, sign and publish; the producer API behind ``delay``.
 
-        With Redis (registry or broker) unreachable it raises ``FleetError`` ``fleet_publish_failed`` at once.
+        With Redis (registry or broker) unreachable it raises ``PublishFailed`` at once.
         """
         try:
             return self._submit(producer=producer, options=options, **kwargs)
@@ -333,7 +333,7 @@ class FleetTask(Task):  # type: ignore[type-arg]
         timeout_s = float(fleet.get("timeout_s") or _timeout_for(rt, operation))
         priority = PRIORITIES.get(str(fleet.get("fleet_priority", "normal")))
         if priority is None:
-            raise FleetError("fleet_priority must be critical, high, normal or low", code="invalid_request")
+            raise InvalidRequest("fleet_priority must be critical, high, normal or low")
 
         def build(lane: str, provider_instance: str) -> dict[str, Any]:
             return rt.codec.build_request(
@@ -366,7 +366,7 @@ class FleetTask(Task):  # type: ignore[type-arg]
             envelope = build(lane, instance)
             return self._publish(envelope, producer=producer, options=publish_options)
         if model is None:
-            raise FleetError(f"{operation} needs a model", code="invalid_request", retryable=False)
+            raise InvalidRequest(f"{operation} needs a model")
         choice = pick_lane(operation, model, params, rt)
         if choice["model"] != model:  # an alias: the request names the offering's exact served id
             model = choice["model"]
@@ -390,13 +390,9 @@ class FleetTask(Task):  # type: ignore[type-arg]
             result = super().apply_async((envelope,), {}, task_id=envelope["request_id"], producer=producer, **options)
         except Exception as exc:
             if _was_nacked(exc):
-                raise FleetError(f"lane {lane} is full; try later", code="fleet_backpressure", retryable=True) from None
+                raise Backpressure(f"lane {lane} is full; try later") from None
             if isinstance(exc, OperationalError):
-                raise FleetError(
-                    f"could not publish to {lane}: broker unreachable",
-                    code="fleet_publish_failed",
-                    retryable=True,
-                ) from exc
+                raise PublishFailed(f"could not publish to {lane}: broker unreachable") from exc
             raise
         fleet_result = cast(FleetResult, result)
         fleet_result.lane = lane
@@ -410,7 +406,7 @@ def _was_nacked(exc: BaseException) -> bool:
     """Whether RabbitMQ refused the message (a full lane with reject-publish), however kombu wrapped it."""
     seen: BaseException | None = exc
     while seen is not None:
-        if type(seen).__name__ == "MessageNacked":
+        if isinstance(seen, MessageNacked):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -449,8 +445,6 @@ def _check_lane_room(rt: FleetRuntime, lane: str) -> None:
     with _room_lock:
         _lane_room[lane] = (now, depth + 1)
     if depth >= rt.settings.lanes.max_length:
-        raise FleetError(
-            f"lane {lane} holds {depth} waiting requests (limit {rt.settings.lanes.max_length}); try later",
-            code="fleet_backpressure",
-            retryable=True,
+        raise Backpressure(
+            f"lane {lane} holds {depth} waiting requests (limit {rt.settings.lanes.max_length}); try later"
         )

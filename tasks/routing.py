@@ -21,7 +21,7 @@ from provider.fleet.lanes import slug
 from provider.fleet.offerings import LANE_CAPABILITIES, Offering, canonical_alias_for
 from provider.fleet.registry import CachedRegistry
 from provider.fleet.token_estimate import estimate_tokens, needed_context
-from provider.protocol import FleetError
+from provider.protocol import FleetUnavailable, NoFleetQueue
 from tasks.brokers import EventReader
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.queues import CONTROL_QUEUE, management_queue_name
@@ -124,17 +124,15 @@ def _matches_model(offering: Offering, model: str) -> bool:
     return model in (offering.model, offering.canonical_alias)
 
 
-def _unknown_model(model: str, offerings: list[Offering]) -> FleetError:
+def _unknown_model(model: str, offerings: list[Offering]) -> NoFleetQueue:
     """No offering serves exactly this name: name a close match (equal once slugged) when there is one."""
     wanted = slug(model)
     close = sorted({name for o in offerings for name in (o.model, o.canonical_alias) if slug(name) == wanted})
     if close:
-        return FleetError(f"unknown model {model!r}; did you mean {close[0]!r}?", code="no_fleet_queue")
+        return NoFleetQueue(f"unknown model {model!r}; did you mean {close[0]!r}?")
     known = sorted({o.canonical_alias for o in offerings})
-    return FleetError(
+    return NoFleetQueue(
         f"no live worker serves model {model!r} (served: {', '.join(known) or 'none'})",
-        code="no_fleet_queue",
-        retryable=False,
     )
 
 
@@ -170,7 +168,7 @@ def _has_images(messages: list[Any]) -> bool:
 
 
 def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRuntime | None = None) -> LaneChoice:
-    """The lane a request must be published to; raises ``FleetError(no_fleet_queue)`` when none can serve it."""
+    """The lane a request must be published to; raises ``NoFleetQueue`` when none can serve it."""
     rt = rt or runtime()
     live = _live_offerings(rt)
     offerings = [o for o in live if _matches_model(o, model)]
@@ -180,18 +178,14 @@ def pick_lane(operation: str, model: str, params: dict[str, Any], rt: FleetRunti
     required = _required_capabilities(operation, params)
     eligible = [o for o in offerings if o.eligible_for(usage_type=usage, required_capabilities=required)]
     if not eligible:
-        raise FleetError(
+        raise NoFleetQueue(
             f"model {model!r} has no live offering that supports {' and '.join(required) or usage} "
             f"(its offerings are for {', '.join(sorted({o.usage_type for o in offerings}))})",
-            code="no_fleet_queue",
-            retryable=False,
         )
     eligible = [o for o in eligible if o.status != "degraded"]  # an open circuit: route elsewhere or fail fast
     if not eligible:
-        raise FleetError(
+        raise FleetUnavailable(
             f"every instance serving {model!r} has an open circuit; try again shortly",
-            code="fleet_unavailable",
-            retryable=True,
         )
     style = rt.settings.lanes.style
     if usage == "embedding":
@@ -228,11 +222,9 @@ def _fitting_offering(offerings: list[Offering], prompt_estimate: int, max_token
     allowed = [o for o in offerings if wanted is None or window(o) >= wanted]
     if not allowed:
         largest = max(window(o) for o in offerings)
-        raise FleetError(
+        raise NoFleetQueue(
             f"max_tokens={wanted} is larger than every context window of model {model!r} (the largest is "
             f"{largest}); vLLM refuses it",
-            code="no_fleet_queue",
-            retryable=False,
         )
     full = [o for o in allowed if window(o) >= needed_context(prompt_estimate, wanted)]
     if full:
@@ -241,15 +233,13 @@ def _fitting_offering(offerings: list[Offering], prompt_estimate: int, max_token
 
 
 def pick_management_queue(instance: str, rt: FleetRuntime | None = None) -> str:
-    """The management queue of one live instance; raises ``FleetError(no_fleet_queue)`` when none serves it."""
+    """The management queue of one live instance; raises ``NoFleetQueue`` when none serves it."""
     rt = rt or runtime()
     record = rt.registry.instance(instance)
     if record is None:
         known = sorted(r["name"] for r in rt.registry.instances())
-        raise FleetError(
+        raise NoFleetQueue(
             f"no live worker serves instance {instance!r} (live: {', '.join(known) or 'none'})",
-            code="no_fleet_queue",
-            retryable=False,
         )
     return str(record.get("queue") or management_queue_name(slug(instance)))
 

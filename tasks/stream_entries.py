@@ -32,7 +32,9 @@ from typing import ClassVar
 from cryptography.exceptions import InvalidSignature
 from pydantic import TypeAdapter, ValidationError
 
-from provider.protocol import PURPOSE_STREAM, EnvelopeError, FleetError, KeyRing, open_sealed, seal
+from provider.protocol import PURPOSE_STREAM, EnvelopeError, KeyRing, open_sealed, seal
+from provider.protocol.codes import MALFORMED
+from provider.protocol.errors import Cancelled, RequestRefused
 from provider.vllm.models import StreamChunk
 from tasks.errors import fleet_error_from_envelope
 
@@ -150,7 +152,7 @@ def split_position(position: str) -> tuple[str, int]:
     """``"<entry id>/<n>"`` → (entry id, chunks of it already read); a bare entry id → (it, 0)."""
     entry_id, _, consumed = position.partition("/")
     if consumed and not consumed.isdigit():
-        raise FleetError(f"not a stream position: {position!r}", code="malformed", retryable=False)
+        raise RequestRefused(f"not a stream position: {position!r}", code=MALFORMED)
     return entry_id, int(consumed or 0)
 
 
@@ -169,7 +171,7 @@ def decode_entry(kind: bytes, data: bytes, entry_id: str) -> Sequence[StreamChun
         if kind == KIND_ERROR:
             raise fleet_error_from_envelope(json.loads(data))
         if kind == KIND_CANCELLED:
-            raise FleetError(str(json.loads(data).get("reason", "cancelled")), code="cancelled")
+            raise Cancelled(str(json.loads(data).get("reason", "cancelled")))
     except (ValueError, TypeError, KeyError, AttributeError, ValidationError):
-        raise FleetError("the stream holds an entry that cannot be read", code="malformed") from None
-    raise FleetError("the stream holds an entry of an unknown kind", code="malformed")
+        raise RequestRefused("the stream holds an entry that cannot be read", code=MALFORMED) from None
+    raise RequestRefused("the stream holds an entry of an unknown kind", code=MALFORMED)

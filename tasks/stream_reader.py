@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from provider.protocol import FleetError
+from provider.protocol.errors import FleetTimeout, KeyConfiguration, StreamGap
 from provider.vllm.models import StreamChunk
 from tasks.metrics import FORGED_STREAM_ENTRIES
 from tasks.stream_entries import EntrySealer, StreamReset, decode_entry, split_position
@@ -105,9 +106,7 @@ class StreamCursor:
         (``ended``), and raises ``FleetError`` at a failed one, after the items before it. Entries no worker
         signed for this request, or that repeat one already read, are skipped and counted (``refused``)."""
         if not sealer.can_verify:
-            raise FleetError(
-                "no worker response keys are configured here (response_verify_keys)", code="key_configuration"
-            )
+            raise KeyConfiguration("no worker response keys are configured here (response_verify_keys)")
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             self.entry_id = entry_id
@@ -122,7 +121,7 @@ class StreamCursor:
                 self._refuse(entry_id, "stream_duplicate")
                 continue
             if seq > self.next_seq:
-                raise FleetError(f"the stream lost {seq - self.next_seq} entries before {entry_id}", code="stream_gap")
+                raise StreamGap(f"the stream lost {seq - self.next_seq} entries before {entry_id}")
             self.next_seq = seq + 1
             items = decode_entry(kind, data, entry_id)
             at_position = entry_id == self._position_id  # what of the entry at the resume position was read
@@ -141,7 +140,7 @@ class StreamCursor:
         """How long the next XREAD may block; ``fleet_timeout`` once the deadline has passed."""
         remaining_ms = int((self.deadline - time.time()) * 1000)
         if remaining_ms <= 0:
-            raise FleetError("the stream did not finish before its deadline", code="fleet_timeout", retryable=False)
+            raise FleetTimeout("the stream did not finish before its deadline")
         return min(READ_BLOCK_MS, remaining_ms)
 
     def _refuse(self, entry_id: str, code: str) -> None:

@@ -1,7 +1,8 @@
 """The layout's rules, computed from the source: no import circles, and each package imports only what it may.
 
 - ``provider/`` never imports celery or kombu; ``provider.fleet`` never imports httpx or the vLLM client;
-  ``provider.protocol`` never imports httpx, ``provider.vllm`` or ``provider.fleet``.
+  ``provider.protocol`` never imports httpx, ``provider.vllm``, ``provider.fleet`` or the fleet's ``Settings``
+  (it reads only its own ``provider.protocol.settings.SecuritySettings``).
 - ``tasks/`` never imports httpx.
 - No circle among the modules of ``provider/`` and ``tasks/`` (imports run at import time: module level, not
   inside functions or under ``TYPE_CHECKING``).
@@ -115,7 +116,7 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 FORBIDDEN = [
     ("provider", ("celery", "kombu")),
     ("provider.fleet", ("httpx", "provider.vllm.client")),
-    ("provider.protocol", ("httpx", "provider.vllm", "provider.fleet")),
+    ("provider.protocol", ("httpx", "provider.vllm", "provider.fleet", "provider.settings", "pydantic_settings")),
     ("tasks", ("httpx",)),
 ]
 

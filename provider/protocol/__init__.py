@@ -1,4 +1,5 @@
-"""Fleet protocol v2: envelopes, signed tokens, sealing, the replay/idempotency ledger (no Celery here).
+"""Fleet protocol v2: envelopes, signed tokens, sealing, the replay/idempotency ledger, the caller's errors.
+Reads only its own ``SecuritySettings``; never imports Celery, httpx, ``provider.vllm``/``fleet`` or ``Settings``.
 
 A worker's order (design.md, "Deadlines, delivery, retries and replay")::
 
@@ -15,6 +16,7 @@ A worker's order (design.md, "Deadlines, delivery, retries and replay")::
                  or, handing back before any work, ledger.release(jti, holder)
 """
 
+from provider.protocol import codes
 from provider.protocol.canonical import CanonicalizationError, canonical_json, sha256_hex, sha256_hex_bytes
 from provider.protocol.codec import (
     DEFAULT_PROVIDER,
@@ -47,21 +49,35 @@ from provider.protocol.errors import (
     POLICY_ERROR,
     PROVIDER_ERROR,
     RESPONSE_FORGED,
+    Backpressure,
+    Cancelled,
     ClaimMismatchError,
+    DeadLettered,
     DecryptFailedError,
     EncryptionRequiredError,
     EnvelopeError,
     ExpiredError,
     FleetError,
+    FleetTimeout,
+    FleetUnavailable,
     IdempotencyConflictError,
+    InvalidRequest,
     InvalidSignatureError,
+    KeyConfiguration,
     KeyConfigurationError,
     LegacyFieldError,
     MalformedError,
+    NoFleetQueue,
     NotYetValidError,
     OperationNotAllowedError,
     PayloadHashMismatchError,
+    ProviderFailed,
+    PublishFailed,
     ReplayedError,
+    RequestRefused,
+    ResponseForged,
+    ResultUnavailable,
+    StreamGap,
     TokenLifetimeError,
     TooLargeError,
     UnknownKeyError,
@@ -70,6 +86,7 @@ from provider.protocol.errors import (
     WrongAudienceError,
     WrongIssuerError,
     as_fleet_error,
+    fleet_error_class,
     response_forged,
     umbrella_code,
 )
@@ -91,6 +108,7 @@ from provider.protocol.ledger import (
 )
 from provider.protocol.records import RecordAuthenticator
 from provider.protocol.sealing import PURPOSE_PARAMS, PURPOSE_RESULT, PURPOSE_STREAM, open_sealed, seal
+from provider.protocol.settings import SecuritySettings
 
 __all__ = [
     "ALLOWED_OPERATIONS",
@@ -114,10 +132,13 @@ __all__ = [
     "RESPONSE_MESSAGE_TYPE",
     "SEALED_RESPONSE_FIELDS",
     "WORKER_SIGNATURE_FIELD",
+    "Backpressure",
+    "Cancelled",
     "CanonicalizationError",
     "ClaimMismatchError",
     "ClaimOutcome",
     "ClaimStatus",
+    "DeadLettered",
     "DecryptFailedError",
     "EncryptionRequiredError",
     "EnvelopeCodec",
@@ -125,27 +146,39 @@ __all__ = [
     "ErrorEnvelope",
     "ExpiredError",
     "FleetError",
+    "FleetTimeout",
+    "FleetUnavailable",
     "GeneratedEncryptionKey",
     "GeneratedKeypair",
     "IdemOutcome",
     "IdemStatus",
     "IdempotencyConflictError",
     "IdempotencyStore",
+    "InvalidRequest",
     "InvalidSignatureError",
     "JtiLedger",
+    "KeyConfiguration",
     "KeyConfigurationError",
     "KeyRing",
     "LegacyFieldError",
     "MalformedError",
+    "NoFleetQueue",
     "NotYetValidError",
     "Operation",
     "OperationNotAllowedError",
     "PayloadHashMismatchError",
+    "ProviderFailed",
+    "PublishFailed",
     "RecordAuthenticator",
     "ReplayedError",
     "RequestEnvelope",
+    "RequestRefused",
     "ResponseEnvelope",
+    "ResponseForged",
+    "ResultUnavailable",
     "SealedBox",
+    "SecuritySettings",
+    "StreamGap",
     "TokenLifetimeError",
     "TooLargeError",
     "UnknownKeyError",
@@ -157,6 +190,8 @@ __all__ = [
     "as_fleet_error",
     "canonical_json",
     "check_legacy_fields",
+    "codes",
+    "fleet_error_class",
     "generate_encryption_key",
     "generate_keypair",
     "generated_security",

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from provider.protocol.errors import KeyConfigurationError, UnknownKeyError
-from provider.settings import SecuritySettings
+from provider.protocol.settings import SecuritySettings
 
 __all__ = [
     "AES_KEY_BYTES",

@@ -28,7 +28,7 @@ from provider.protocol.errors import (
     TooLargeError,
 )
 from provider.protocol.keys import KeyRing
-from provider.settings import SecuritySettings
+from provider.protocol.settings import SecuritySettings
 
 __all__ = [
     "ANSWER_SIGNATURE_PREFIX",

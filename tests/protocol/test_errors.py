@@ -101,5 +101,5 @@ def test_fleet_error_keeps_the_remote_code() -> None:
     assert error.retryable is True
     assert error.umbrella == "provider_error"
     assert error.metadata == {"a": 1}
-    assert isinstance(error, EnvelopeError)
+    assert not isinstance(error, EnvelopeError)  # its own root: callers catch FleetError, never EnvelopeError
     assert "server_busy" in repr(error)

@@ -6,7 +6,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import redis
@@ -23,7 +24,23 @@ from provider.protocol import (
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_DB = 15
-SHORT_LEASE_S = 0.3
+SHORT_LEASE_S = 1.0  # long enough that two claims in a row fall inside it, even on a loaded host
+POLL_TIMEOUT_S = 10.0
+_T = TypeVar("_T")
+
+
+def poll(read: Callable[[], _T], done: Callable[[_T], bool], timeout_s: float = POLL_TIMEOUT_S) -> _T:
+    """``read()`` again until ``done`` holds for its value (which is returned), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout_s} s: {value!r}")
+        time.sleep(0.02)
+
+
 CONCURRENT_CLAIMERS = 16
 
 
@@ -107,10 +124,11 @@ def test_stored_result_is_never_overwritten(client: redis.Redis, prefix: str) ->
 def test_lease_expiry_takeover(client: redis.Redis, prefix: str) -> None:
     ledger = JtiLedger(client, prefix, lease_s=SHORT_LEASE_S)
     assert ledger.claim("j1", "d1", "worker-a").status is ClaimStatus.TAKEN
-    assert ledger.claim("j1", "d1", "worker-b").status is ClaimStatus.HELD
-    time.sleep(SHORT_LEASE_S + 0.1)
-    takeover = ledger.claim("j1", "d1", "worker-b")
-    assert takeover.status is ClaimStatus.TAKEN
+    held = ledger.claim("j1", "d1", "worker-b")
+    assert held.status is ClaimStatus.HELD
+    assert held.lease_left_s is not None
+    assert 0 < held.lease_left_s <= SHORT_LEASE_S
+    takeover = poll(lambda: ledger.claim("j1", "d1", "worker-b"), lambda outcome: outcome.status is ClaimStatus.TAKEN)
     assert takeover.holder == "worker-b"
     assert not ledger.complete("j1", "worker-a", {"from": "a"}, ttl_s=60)
     assert not ledger.renew("j1", "worker-a")
@@ -119,12 +137,14 @@ def test_lease_expiry_takeover(client: redis.Redis, prefix: str) -> None:
 
 
 def test_renew_keeps_the_lease(client: redis.Redis, prefix: str) -> None:
-    ledger = JtiLedger(client, prefix, lease_s=SHORT_LEASE_S)
+    """A renewal moves the lease's end (Redis server time) later; only its holder can renew."""
+    ledger = JtiLedger(client, prefix, lease_s=30)
     ledger.claim("j1", "d1", "worker-a")
-    time.sleep(SHORT_LEASE_S * 0.6)
+    first_end = int(client.hget(ledger.key("j1"), "lease_until") or 0)
+    poll(client.time, lambda now: now[0] * 1000 + now[1] // 1000 > first_end - 30_000)  # the server clock moved on
     assert ledger.renew("j1", "worker-a")
+    assert int(client.hget(ledger.key("j1"), "lease_until") or 0) > first_end
     assert not ledger.renew("j1", "worker-b")
-    time.sleep(SHORT_LEASE_S * 0.6)
     assert ledger.claim("j1", "d1", "worker-b").status is ClaimStatus.HELD
 
 
@@ -171,8 +191,7 @@ def test_record_expiry(client: redis.Redis, prefix: str) -> None:
     assert int(client.pttl(ledger.key("j1"))) > 3_500_000
     short = JtiLedger(client, prefix, lease_s=0.05, memory_s=0.2)
     short.claim("j3", "d1", "worker-a")
-    time.sleep(0.35)
-    assert short.peek("j3") is None
+    poll(lambda: short.peek("j3"), lambda record: record is None)  # forgotten once its memory ran out
     assert short.claim("j3", "d2", "worker-b").status is ClaimStatus.TAKEN
 
 
@@ -209,7 +228,7 @@ def test_idempotency_forget_and_expiry(client: redis.Redis, prefix: str) -> None
     assert not store.forget("s", "k", "r2")
     assert store.forget("s", "k", "r1")
     assert store.reserve("s", "k", "h2", "r2", ttl_s=0.2).status is IdemStatus.NEW
-    time.sleep(0.35)
+    poll(lambda: client.exists(store.key("s", "k")), lambda exists: not exists)
     assert store.reserve("s", "k", "h3", "r3", ttl_s=60).status is IdemStatus.NEW
 
 

@@ -353,7 +353,7 @@ def test_latency_settings_are_applied(sim: SimulatorServer, http: httpx.Client) 
     sim.configure(ttft_s=0.1, itl_s=0.02)
     started = time.monotonic()
     http.post("/v1/chat/completions", json=chat(max_tokens=6, ignore_eos=True), timeout=TIMEOUT_S)
-    assert 0.2 <= time.monotonic() - started < 1.0
+    assert time.monotonic() - started >= 0.2  # ttft + 5 * itl at least (a loaded host only adds to it)
 
 
 def test_echo_and_lorem_texts(sim: SimulatorServer, http: httpx.Client) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from provider.protocol import FleetError
+from provider.protocol import EnvelopeError, FleetError, RequestRefused
 from tests.tasks.conftest import CHAT_MODEL, Fleet, wait_for
 from tests.tasks.test_bad_input import (  # noqa: F401 (dead_letters is a fixture)
     RESULT_TIMEOUT_S,
@@ -718,7 +718,8 @@ def test_submit_refusals_are_fleet_errors_with_a_code(fleet: Fleet, options: dic
 
     with pytest.raises(FleetError) as info:
         chat.delay(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], **options)
-    assert type(info.value) is FleetError
+    assert isinstance(info.value, RequestRefused)  # the protocol's refusal, as callers catch it
+    assert not isinstance(info.value, EnvelopeError)
     assert info.value.code == code
 
 

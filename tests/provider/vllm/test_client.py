@@ -237,10 +237,9 @@ class TestGeneration:
     def test_the_deadline_is_checked_between_chunks(self, fake_vllm: FakeVllm) -> None:
         body = RecordingStream(sse_pieces("chat_stream_aborted_by_sleep"), pause_s=0.05)
         fake_vllm.answer(CHAT, lambda request: event_stream(body))
-        started = time.monotonic()
         with pytest.raises(ProviderTimeoutError, match="deadline"):
             collect(fake_vllm.client(), chat_request(), timeout_s=0.3)
-        assert time.monotonic() - started < 0.6
+        assert body.sent < len(body.pieces), "the stream was read to its end instead of cut at the deadline"
         assert body.closed
 
     def test_a_stream_answered_with_an_error_status(self, fake_vllm: FakeVllm) -> None:
