@@ -9,6 +9,7 @@ import pytest
 
 from provider.fleet.health import HealthTracker
 from provider.protocol import FleetError
+from tasks.runtime import runtime
 from tests.reliability.conftest import LiveFleet
 from tests.reliability.harness import CHAT_MODEL, wait_until
 
@@ -57,7 +58,15 @@ def test_poison_is_dead_lettered_listed_with_its_reason_and_requeue_runs_it(
     requeued = [letter for result in results for letter in requeue_dead_letters(result.id)]
     assert {letter.requeued_as for letter in requeued} == ids, "inside their deadline: the same requests"
     for prompt, result in zip(prompts, results, strict=True):
-        reply = chat.AsyncResult(result.id).get()
+        # Read the stored answer itself: this process's result consumer may still hold a buffered copy of the
+        # dead-letter failure (published twice on RabbitMQ), which an AsyncResult of the same id resolves from.
+        wait_until(
+            lambda r=result: chat.backend.get_task_meta(r.id, cache=False).get("status") == "SUCCESS",
+            30,
+            "the requeued request answered",
+        )
+        stored = chat.backend.get_task_meta(result.id, cache=False)["result"]
+        reply = runtime().codec.open_response(stored, request_id=result.id)
         assert prompt.startswith(reply["content"].strip())
         wait_until(lambda p=prompt: live_fleet.sim.completed_for(p) >= 1, 5, "the simulator answering the rerun")
     assert not [letter for letter in list_dead_letters() if letter.task_id in ids]
