@@ -45,7 +45,7 @@ from provider.protocol import (
     ReplayedError,
     VerifiedRequest,
 )
-from provider.protocol.errors import DeadLettered, FleetTimeout, InvalidRequest
+from provider.protocol.errors import DeadLettered, ExpiredError, FleetTimeout, InvalidRequest
 from provider.vllm.errors import ProviderError
 from provider.vllm.retry import call_with_retries
 from tasks.errors import FleetTaskError, count_rejection
@@ -239,8 +239,11 @@ def _replay_stored(rt: FleetRuntime, stored: Any) -> dict[str, Any]:
 
 
 def check_deadline(ctx: RequestContext) -> None:
-    """Refuse a request whose deadline has passed (``EnvelopeError``)."""
+    """Refuse a request whose deadline has passed (``ExpiredError``): the codec allows its clock-skew leeway,
+    but no work starts past the deadline on this worker's clock (its caller has stopped waiting)."""
     ctx.rt.codec.check_deadline(ctx.verified)
+    if ctx.verified.time_left_s() <= 0:
+        raise ExpiredError("the request's deadline passed before a worker could start it", field="expires_at")
 
 
 def idempotent(ctx: RequestContext, run: Runner) -> dict[str, Any]:

@@ -189,6 +189,16 @@ def test_check_deadline_refuses_a_request_past_its_deadline(bench: Bench) -> Non
     assert late.value.code == "expired"
 
 
+def test_check_deadline_starts_no_work_past_the_deadline_even_within_the_clock_leeway(bench: Bench) -> None:
+    ctx = bench.verified()
+    assert bench.rt.codec.security.leeway_s > 1  # the codec would still accept it: the step must not
+    ctx.verified = dataclasses.replace(ctx.verified, expires_at_epoch=time.time() - 0.5)
+    bench.rt.codec.check_deadline(ctx.verified)
+    with pytest.raises(EnvelopeError) as late:
+        check_deadline(ctx)
+    assert late.value.code == "expired"
+
+
 def test_idempotent_answers_a_duplicate_with_the_first_requests_body(bench: Bench) -> None:
     key = f"idem-{uuid.uuid4().hex}"
     runs: list[str] = []
