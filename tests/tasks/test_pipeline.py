@@ -170,7 +170,9 @@ def test_claim_runs_a_new_request_then_replays_its_stored_answer(bench: Bench) -
 def test_claim_refuses_the_same_request_id_with_another_token_and_keeps_the_first(bench: Bench) -> None:
     first = bench.verified()
     assert claim(first) is None
-    copy = bench.context(bench.envelope(request_id=first.verified.request_id))
+    other_params = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "another prompt"}], "max_tokens": 8}
+    # other params make another token even within the same second (Ed25519 signs the same claims identically)
+    copy = bench.context(bench.envelope(request_id=first.verified.request_id, params=other_params))
     verify(copy)
     rejected = ENVELOPE_REJECTIONS.labels(code="replayed")
     before = rejected._value.get()
