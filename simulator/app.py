@@ -27,6 +27,7 @@ from simulator.engine import Engine, QueueFullError, Ticket
 from simulator.generation import ToolChoice, new_hex_id, plan_chat, plan_completion
 from simulator.metrics import render_metrics
 from simulator.schemas import (
+    BodyT,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -216,6 +217,27 @@ class SimulatorApp:
             return error_response(message, 404, param="model")
         return model
 
+    async def _parse_for_model(
+        self, request: Request, route: str, schema: type[BodyT], kind: ModelKind
+    ) -> tuple[BodyT, ServedModel, ServedModel] | Response:
+        """Count the request, parse its body and resolve the model it names and its base, which must be of ``kind``.
+
+        A LoRA adapter takes its base model's kind; a model of another kind gets vLLM's bare 404 for the route.
+        """
+        engine = self.engine
+        engine.count_request(route)
+        parsed = await parse_body(request, schema)
+        if isinstance(parsed, Response):
+            return parsed
+        engine.last_bodies[route] = request.state.body
+        model = self._resolve(getattr(parsed, "model", None), kind)
+        if isinstance(model, Response):
+            return model
+        base = engine.config.base_of(model)
+        if base.kind != kind:
+            return detail_response(404)
+        return parsed, model, base
+
     @staticmethod
     def _request_id(request: Request, body_id: str | None) -> str:
         """The request id: the ``X-Request-Id`` header, else the body's ``request_id``, else a random one."""
@@ -331,19 +353,12 @@ class SimulatorApp:
 
     async def chat(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
+        admitted = await self._parse_for_model(request, "chat", ChatRequest, "generate")
+        if isinstance(admitted, Response):
+            return admitted
+        parsed, model, base = admitted
         engine = self.engine
-        engine.count_request("chat")
-        parsed = await parse_body(request, ChatRequest)
-        if isinstance(parsed, Response):
-            return parsed
-        engine.last_bodies["chat"] = request.state.body
         config = engine.config
-        model = self._resolve(parsed.model, "generate")
-        if isinstance(model, Response):
-            return model
-        base = config.base_of(model)
-        if base.kind != "generate":
-            return detail_response(404)
         tool = _select_tool(parsed, config.tool_parser)
         if isinstance(tool, Response):
             return tool
@@ -397,19 +412,12 @@ class SimulatorApp:
 
     async def completions(self, request: Request) -> Response:
         """``POST /v1/completions``: one choice per prompt."""
+        admitted = await self._parse_for_model(request, "completions", CompletionRequest, "generate")
+        if isinstance(admitted, Response):
+            return admitted
+        parsed, model, base = admitted
         engine = self.engine
-        engine.count_request("completions")
-        parsed = await parse_body(request, CompletionRequest)
-        if isinstance(parsed, Response):
-            return parsed
-        engine.last_bodies["completions"] = request.state.body
         config = engine.config
-        model = self._resolve(parsed.model, "generate")
-        if isinstance(model, Response):
-            return model
-        base = config.base_of(model)
-        if base.kind != "generate":
-            return detail_response(404)
         prompt = parsed.prompt
         prompts: list[Any] = [prompt] if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else prompt
         texts: list[str] = []
@@ -461,19 +469,11 @@ class SimulatorApp:
 
     async def embeddings(self, request: Request) -> Response:
         """``POST /v1/embeddings``: deterministic unit vectors, as floats or base64 float32."""
+        admitted = await self._parse_for_model(request, "embeddings", EmbeddingRequest, "embed")
+        if isinstance(admitted, Response):
+            return admitted
+        parsed, model, base = admitted
         engine = self.engine
-        engine.count_request("embeddings")
-        parsed = await parse_body(request, EmbeddingRequest)
-        if isinstance(parsed, Response):
-            return parsed
-        engine.last_bodies["embeddings"] = request.state.body
-        config = engine.config
-        model = self._resolve(parsed.model, "embed")
-        if isinstance(model, Response):
-            return model
-        base = config.base_of(model)
-        if base.kind != "embed":
-            return detail_response(404)
         dimensions = parsed.dimensions
         if dimensions is not None:
             if not base.matryoshka:
