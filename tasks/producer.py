@@ -386,8 +386,14 @@ class FleetTask(Task):  # type: ignore[type-arg]
         rt.broker.publish_options(options, timeout_s)
         if timeout_s:
             options.setdefault("expires", timeout_s)
+        task_id = envelope["request_id"]
+
+        def send(chosen: Any) -> Any:
+            return super(FleetTask, self).apply_async((envelope,), {}, task_id=task_id, producer=chosen, **options)
+
         try:
-            result = super().apply_async((envelope,), {}, task_id=envelope["request_id"], producer=producer, **options)
+            with self.app.producer_or_acquire(producer) as chosen:
+                result = rt.broker.publish(chosen, options["queue"], task_id, send)
         except Exception as exc:
             if _was_nacked(exc):
                 raise Backpressure(f"lane {lane} is full; try later") from None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from kombu import Queue
 from redis import Redis
@@ -16,6 +17,8 @@ from tasks.queues import CONTROL_QUEUE
 __all__ = ["EventReader", "LaneBroker", "broker_for", "broker_is_amqp"]
 
 _AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
+T = TypeVar("T")
 
 
 def broker_is_amqp(broker_url: str) -> bool:
@@ -90,6 +93,13 @@ class LaneBroker(ABC):
     @abstractmethod
     def publish_options(self, options: dict[str, Any], timeout_s: float | None) -> None:
         """Adjust a publish's options for this broker (priority direction, per-message expiry)."""
+
+    def publish(self, producer: Any, queue: Queue, task_id: str, send: Callable[[Any], T]) -> T:
+        """Publish one request with ``send(producer)`` (``producer``: a kombu producer, acquired by the caller).
+
+        A Redis lane is a list that ``LPUSH`` creates: nothing to check.
+        """
+        return send(producer)
 
     @abstractmethod
     def event_bus(self, redis_client: Redis, keys: RedisKeys, *, maxlen: int) -> EventBus:

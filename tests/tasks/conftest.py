@@ -217,7 +217,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         marker = item.get_closest_marker("only_broker")
         callspec = getattr(item, "callspec", None)
-        broker = callspec.params.get("fleet") if callspec is not None else None
+        broker = callspec.params.get("fleet", callspec.params.get("seam")) if callspec is not None else None
         (dropped if marker is not None and broker not in (None, marker.args[0]) else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -15,6 +15,7 @@ from kombu import Connection
 
 from provider.fleet.events import RegistryEvent
 from provider.fleet.redis_keys import RedisKeys
+from provider.protocol.errors import NoFleetQueue
 from provider.settings import LaneSettings, Settings
 from tasks.brokers import LaneBroker, RabbitMqLaneBroker, RedisLaneBroker, broker_for
 from tests.conftest import BROKER_DB, STATE_DB
@@ -53,7 +54,8 @@ def seam(request: pytest.FixtureRequest, redis_url: str, session_prefix: str) ->
         lanes=LaneSettings(max_length=20, message_ttl_s=30, delivery_limit=3),
     )
     state = redis.Redis.from_url(settings.redis_url)
-    with Connection(broker_url) as connection:
+    options = {"confirm_publish": True} if request.param == "rabbitmq" else {}  # as celeryconfig sets it
+    with Connection(broker_url, transport_options=options) as connection:
         yield Seam(broker_for(settings), connection, state, RedisKeys(settings.key_prefix))
 
 
@@ -91,9 +93,49 @@ def test_publish_options_per_broker(seam: Seam) -> None:
     options: dict[str, Any] = {"priority": 7}
     seam.broker.publish_options(options, 12.5)
     if seam.broker.kind == "rabbitmq":
-        assert options == {"priority": 7, "expiration": 12.5}
+        assert options == {"priority": 7, "expiration": 12.5, "mandatory": True}
     else:  # kombu's Redis transport serves priority 0 first
         assert options == {"priority": 2}
+
+
+def _send_to(broker: LaneBroker, lane: str, queue: Any, task_id: str) -> Any:
+    """What the producer's publish does: ``publish_options``, then a publish that declares the lane (kombu
+    remembers the declaration for the connection)."""
+
+    def send(producer: Any) -> None:
+        options: dict[str, Any] = {}
+        broker.publish_options(options, 30.0)
+        producer.publish(
+            {"n": 1}, exchange=queue.exchange, routing_key=lane, declare=[queue], correlation_id=task_id, **options
+        )
+
+    return send
+
+
+def test_a_publish_to_a_lane_deleted_since_it_was_declared_is_delivered_not_dropped(seam: Seam) -> None:
+    lane = seam.lane()
+    queue = seam.broker.lane_queue(lane)
+    with seam.connection.Producer() as producer:
+        seam.broker.publish(producer, queue, "first", _send_to(seam.broker, lane, queue, "first"))
+        assert seam.broker.lane_depth(lane, seam.connection) == 1
+        if seam.broker.kind == "rabbitmq":  # an operator (or x-expires) deletes the lane; kombu still thinks it there
+            queue(seam.connection.default_channel).delete()
+        seam.broker.publish(producer, queue, "second", _send_to(seam.broker, lane, queue, "second"))
+    # RabbitMQ: the second request is in the lane declared anew; Redis: both are in the list LPUSH made
+    assert seam.broker.lane_depth(lane, seam.connection) == (1 if seam.broker.kind == "rabbitmq" else 2)
+
+
+@pytest.mark.only_broker("rabbitmq")  # a Redis publish always lands in the list it names
+def test_a_publish_no_queue_can_take_is_a_typed_error_on_rabbitmq(seam: Seam) -> None:
+    lane = seam.lane()
+    queue = seam.broker.lane_queue(lane)
+    with seam.connection.Producer() as producer:
+        with pytest.raises(NoFleetQueue, match="has no queue"):
+            # routed by a key no lane is bound to: declaring the lane again cannot help
+            seam.broker.publish(producer, queue, "stray", _send_to(seam.broker, f"{lane}.unbound", queue, "stray"))
+        # the channel is still in step: the next publish is confirmed as its own and lands
+        seam.broker.publish(producer, queue, "next", _send_to(seam.broker, lane, queue, "next"))
+    assert seam.broker.lane_depth(lane, seam.connection) == 1
 
 
 def test_a_rejected_message_is_dead_lettered_by_the_broker_only_where_it_says_so(seam: Seam) -> None:
