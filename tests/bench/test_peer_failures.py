@@ -31,7 +31,9 @@ def test_a_failed_peer_request_is_reported_and_the_run_still_passes() -> None:
     }
     assert exit_status(report) == 0
     (note,) = report["notes"]
-    assert "peer failed 4" in note and "of its 50 requests" in note and "Server disconnected" in note
+    assert "peer failed 4" in note
+    assert "of its 50 requests" in note
+    assert "Server disconnected" in note
     page = render_markdown(report)
     assert "the plain Celery peer, counted apart" in page
     assert "50 requests, 4 failed, 0 wrong" in page
