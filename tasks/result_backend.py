@@ -82,7 +82,8 @@ class FleetRedisBackend(RedisBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._store_script: Any = None
-        self._combined: dict[int, tuple[Any, str] | None] = {}  # by id of the ledger's client
+        # by id of the ledger's client, kept with the client (so that its id is not reused while cached)
+        self._combined: dict[int, tuple[redis.Redis, tuple[Any, str] | None]] = {}
 
     def _store_result(
         self,
@@ -115,9 +116,9 @@ class FleetRedisBackend(RedisBackend):
     def combined_with(self, client: redis.Redis) -> tuple[Any, str] | None:
         """The ledger-and-result script on ``client`` and the result database argument ("" when it is
         ``client``'s own), when ``client`` reaches this backend's Redis server as the same user; else None."""
-        known = self._combined.get(id(client), False)
-        if known is not False:
-            return known  # type: ignore[return-value]
+        known = self._combined.get(id(client))
+        if known is not None and known[0] is client:
+            return known[1]
         ours = self.client.connection_pool.connection_kwargs
         theirs = client.connection_pool.connection_kwargs
         same_server = self.client.connection_pool.connection_class is client.connection_pool.connection_class and all(
@@ -130,7 +131,7 @@ class FleetRedisBackend(RedisBackend):
                 client.register_script(_COMPLETE_AND_STORE_LUA),
                 "" if db == int(theirs.get("db") or 0) else str(db),
             )
-        self._combined[id(client)] = combined
+        self._combined[id(client)] = (client, combined)
         return combined
 
     def store_with_ledger(
@@ -186,7 +187,7 @@ def complete_and_store(task: Task[Any, Any], ledger: JtiLedger, holder: str, res
         try:
             if backend.store_with_ledger(task, ledger, holder, response, ttl_s):
                 return
-        except (redis.ConnectionError, redis.TimeoutError):
+        except (redis.ConnectionError, redis.TimeoutError, BackendStoreError):
             pass  # the script runs whole or not at all: the two writes below are safe to repeat
     ledger.complete(str(request.id), holder, response, ttl_s=ttl_s)
 

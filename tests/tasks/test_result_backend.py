@@ -185,3 +185,20 @@ def test_a_ledger_on_another_server_or_user_is_written_apart(
     complete_and_store(answered, ledger, "worker-1", signed("kept", "sig-4"), ttl_s=60)
     assert ledger.peek(task_id) is not None
     assert backend.get_task_meta(task_id, cache=False)["status"] == states.PENDING
+
+
+def test_an_answer_too_large_for_the_result_backend_still_completes_the_ledger(
+    backend: FleetRedisBackend, answered: Task[Any, Any], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import BackendStoreError
+
+    task_id = str(answered.request.id)
+    ledger = ledger_on(redis_url, STATE_DB, "worker-1", task_id)
+    monkeypatch.setattr(backend, "_MAX_STR_VALUE_SIZE", 64)
+    response = signed("x" * 100, "sig-5")
+    complete_and_store(answered, ledger, "worker-1", response, ttl_s=60)
+    record = ledger.peek(task_id)
+    assert record is not None
+    assert (record["state"], json.loads(record["result"])) == ("done", response)
+    with pytest.raises(BackendStoreError, match="too large"):  # Celery's store refuses it, as before
+        backend.mark_as_done(task_id, response, request=answered.request)
