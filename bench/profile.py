@@ -271,7 +271,7 @@ def profile_worker(broker_url: str, seconds: float, sanity: Any) -> dict[str, An
                     raise ValueError("empty answer")
                 return reply
 
-            result = _profile_one(spy, "fleet", fleet.worker, fleet_call, seconds, sanity, out_dir)
+            result = _profile_one(spy, "fleet", fleet.worker, fleet_call, seconds, sanity.of("fleet"), out_dir)
         finally:
             fleet.stop()
         peer_worker = start_peer_worker(peer_worker_env(broker_url, backend, sim.url, streams, 8), "bench-peer-prof", 8)
@@ -287,7 +287,7 @@ def profile_worker(broker_url: str, seconds: float, sanity: Any) -> dict[str, An
                 return reply
 
             peer_call(0)  # waits for the worker to come up
-            result["peer"] = _profile_one(spy, "peer", peer_worker, peer_call, seconds, sanity, out_dir)
+            result["peer"] = _profile_one(spy, "peer", peer_worker, peer_call, seconds, sanity.of("peer"), out_dir)
         finally:
             peer_worker.stop()
             peer_app.close()

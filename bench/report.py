@@ -896,6 +896,16 @@ def _notes_section(report: Mapping[str, Any]) -> list[str]:
     return ["## Notes", "", *[f"- {note}" for note in notes], ""]
 
 
+def _peer_sanity(peer: Mapping[str, Any] | None) -> str:
+    """The sanity line's tail for the plain Celery peer's own requests (counted apart: they never fail a run)."""
+    if not peer:
+        return "."
+    return (
+        f"; the plain Celery peer, counted apart (its failures are reported, they do not fail the run): "
+        f"{fmt(peer.get('requests'))} requests, {fmt(peer.get('failed'))} failed, {fmt(peer.get('wrong'))} wrong."
+    )
+
+
 def render_markdown(report: Mapping[str, Any], findings: str = "") -> str:
     """The whole ``docs/benchmarks.md`` from one benchmark JSON document (and ``findings``, the hand-written
     notes of ``bench/findings.md``, placed after what limits the highest N)."""
@@ -913,7 +923,8 @@ def render_markdown(report: Mapping[str, Any], findings: str = "") -> str:
         "instead. `VFT_BENCH_DBS=a,b,c` moves the three Redis databases a run flushes (default 13,14,15).",
         "",
         f"Sanity: {fmt(sanity.get('requests'))} requests checked, {fmt(sanity.get('failed'))} failed, "
-        f"{fmt(sanity.get('wrong'))} wrong (every answer's content, completion tokens and finish reason).",
+        f"{fmt(sanity.get('wrong'))} wrong (every answer's content, completion tokens and finish reason)"
+        + _peer_sanity(sanity.get("peer")),
         "",
         "Everything runs on this one machine, on loopback: the simulator (`vllm-sim`), the Celery workers "
         "(`-P threads`; the fleet's, or the plain Celery task's), the load generators, Redis and RabbitMQ share "

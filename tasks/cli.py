@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="worker processes sharing each instance's slots (default: WORKER_PROCESSES, else one per 32 slots "
-        "of the instances, at most one per core)",
+        "of the instances, at most one per core and no more than the smallest instance's concurrency)",
     )
     worker.set_defaults(run=_cmd_worker)
 

@@ -53,6 +53,7 @@ from tasks.logs import bind, request_context
 from tasks.metrics import HAND_BACKS, REQUEST_SECONDS, REQUESTS, RETRIES, TOKENS
 from tasks.queues import QUEUE_DELIVERY_LIMIT_MARGIN as QUEUE_MARGIN
 from tasks.redaction import describe_exception
+from tasks.result_backend import complete_and_store
 from tasks.runtime import FleetRuntime, runtime
 from tasks.stream_writer import StreamWriter
 from tasks.worker import HandBack, ServedInstance, WorkerFleet, worker_fleet
@@ -324,9 +325,10 @@ def _on_retry(ctx: RequestContext, attempt: int, exc: ProviderError) -> None:
 
 
 def complete(ctx: RequestContext, response: dict[str, Any], usage: Any) -> None:
-    """Store the signed answer in the ledger and count it."""
+    """Store the signed answer in the ledger (and as the task's result, in the same round trip when one Redis
+    server holds both) and count it."""
     rt = ctx.rt
-    rt.ledger.complete(ctx.verified.request_id, rt.holder, response, ttl_s=rt.settings.result_expires_s)
+    complete_and_store(ctx.task, rt.ledger, rt.holder, response, ttl_s=rt.settings.result_expires_s)
     observe(ctx, "ok", usage)
 
 

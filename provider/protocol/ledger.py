@@ -37,6 +37,7 @@ from provider.protocol.canonical import sha256_hex
 from provider.protocol.errors import IdempotencyConflictError, ReplayedError
 
 __all__ = [
+    "COMPLETE_RECORD_LUA",
     "DEFAULT_LEASE_S",
     "DEFAULT_POLL_S",
     "DEFAULT_REPLAY_MEMORY_S",
@@ -106,17 +107,22 @@ return 1
 """
 )
 
-# KEYS[1] record; ARGV holder, result_json, ttl_ms
-_COMPLETE_LUA = (
+# A Lua function other scripts can call (``complete_record``): store the result unless another holder has the jti.
+COMPLETE_RECORD_LUA = (
     _KEEP_AT_LEAST
     + """
-local rec = redis.call('HMGET', KEYS[1], 'state', 'holder')
-if rec[1] ~= 'held' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2], 'lease_until', 0)
-keep_at_least(KEYS[1], tonumber(ARGV[3]))
-return 1
+local function complete_record(key, holder, result, ttl_ms)
+  local rec = redis.call('HMGET', key, 'state', 'holder')
+  if rec[1] ~= 'held' or rec[2] ~= holder then return 0 end
+  redis.call('HSET', key, 'state', 'done', 'result', result, 'lease_until', 0)
+  keep_at_least(key, tonumber(ttl_ms))
+  return 1
+end
 """
 )
+
+# KEYS[1] record; ARGV holder, result_json, ttl_ms
+_COMPLETE_LUA = COMPLETE_RECORD_LUA + "return complete_record(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
 
 # KEYS[1] record
 _LOOKUP_LUA = (
@@ -298,10 +304,21 @@ class JtiLedger:
         """Extend the lease; False when this holder no longer holds it."""
         return bool(self._renew(keys=[self.key(jti)], args=[holder, self._lease_ms]))
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client the ledger's scripts run on."""
+        return self._redis
+
+    def completion(self, jti: str, holder: str, result: Any, ttl_s: float) -> tuple[str, list[str | int]]:
+        """The key and arguments of ``complete`` (``COMPLETE_RECORD_LUA``'s ``complete_record(key, *args)``),
+        for a script that completes the record and writes elsewhere in the same round trip."""
+        payload = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+        return self.key(jti), [holder, payload, _ms(ttl_s)]
+
     def complete(self, jti: str, holder: str, result: Any, ttl_s: float) -> bool:
         """Store the result (kept at least ``ttl_s``); False, nothing written, unless this holder holds it."""
-        payload = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-        return bool(self._complete(keys=[self.key(jti)], args=[holder, payload, _ms(ttl_s)]))
+        key, args = self.completion(jti, holder, result, ttl_s)
+        return bool(self._complete(keys=[key], args=args))
 
     def alive_key(self, holder: str) -> str:
         """The Redis key of a holder's heartbeat."""
