@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from beat_schedule import build_beat_schedule
-from provider.fleet.names import CONTROL_QUEUE
+from provider.fleet.names import CONTROL_QUEUE, broker_is_amqp
 from provider.settings import Settings, get_settings
 
 _BROKER_MARGIN_S = 60.0
@@ -22,9 +22,8 @@ _MANAGEMENT_THREADS = 2
 def build_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for one settings object."""
     longest_s = settings.timeouts.longest_s
-    is_amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
     transport_options: dict[str, Any] = {}
-    if is_amqp:
+    if broker_is_amqp(settings.broker_url):
         transport_options["confirm_publish"] = True
     else:
         # Unacked messages come back after this long. Workers touch the messages they hold (reserved or running)
