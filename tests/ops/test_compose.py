@@ -42,7 +42,7 @@ import pytest
 import redis
 import yaml
 
-from tasks.process_group import default_process_count
+from provider.sizing import default_process_count
 from tests.conftest import (
     BACKEND_DB,
     BROKER_DB,

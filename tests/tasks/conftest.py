@@ -114,7 +114,7 @@ def fleet(
     security: SecuritySettings,
 ) -> Iterator[Fleet]:
     """A configured app and an in-process worker on the given broker."""
-    from tasks import app, configure
+    from tasks.app import configure, fleet_app
     from tasks.routing import invalidate_route_cache
 
     broker = request.param
@@ -125,7 +125,7 @@ def fleet(
     configure(settings)
     invalidate_route_cache()
     with start_worker(
-        app,
+        fleet_app(),  # the app itself, not the ``tasks.app.app`` proxy: the worker keeps the app it started with
         pool="threads",
         concurrency=WORKER_CONCURRENCY,
         perform_ping_check=False,
