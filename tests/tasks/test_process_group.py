@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,10 +168,7 @@ def test_when_one_process_dies_the_group_stops(fleet: Fleet, group_simulator: Si
         children = psutil.Process(group.pid).children()
         assert len(children) == 2
         children[0].kill()
-        deadline = time.monotonic() + 30
-        while group.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert group.poll() is not None, "the group outlived one of its processes"
+        wait_for(lambda: group.poll() is not None, timeout_s=30, what="the group ending with one of its processes")
         assert group.returncode != 0
         assert not children[1].is_running() or children[1].status() == psutil.STATUS_ZOMBIE
     finally:
