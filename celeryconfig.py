@@ -1,6 +1,6 @@
 """Every Celery setting of the fleet, derived from the typed settings (``provider.settings``).
 
-Celery reads this module with ``app.config_from_object("celeryconfig")``. Nothing here is set by hand:
+``tasks.app.create_app(settings)`` configures each app from ``build_config(settings)``. Nothing here is set by hand:
 change the environment (``VLLM_FLEET_*``) or the config file instead.
 """
 
@@ -9,22 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from beat_schedule import build_beat_schedule
-from provider.fleet.names import CONTROL_QUEUE
-from provider.settings import Settings, get_settings
+from provider.fleet.names import CONTROL_QUEUE, broker_is_amqp
+from provider.settings import Settings
+from provider.sizing import redis_pool_size, worker_threads
 
 _BROKER_MARGIN_S = 60.0
 DEFAULT_REDIS_VISIBILITY_TIMEOUT_S = 5.0
 _CONNECT_TIMEOUT_S = 2.0
 _RESTORE_LOCK_S = 3
-_MANAGEMENT_THREADS = 2
 
 
 def build_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for one settings object."""
     longest_s = settings.timeouts.longest_s
-    is_amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+    slots = [instance.concurrency for instance in settings.usable_instances()]
     transport_options: dict[str, Any] = {}
-    if is_amqp:
+    if broker_is_amqp(settings.broker_url):
         transport_options["confirm_publish"] = True
     else:
         # Unacked messages come back after this long. Workers touch the messages they hold (reserved or running)
@@ -52,7 +52,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # vLLM batches continuously: a worker keeps as many requests in flight as its instances accept.
         "worker_pool": "threads",
-        "worker_concurrency": sum(i.concurrency for i in settings.usable_instances()) + _MANAGEMENT_THREADS,
+        "worker_concurrency": worker_threads(slots),
         # Flower shows tasks, states and runtimes from task events. They cost a publish per state change (about
         # a fifth of a worker's CPU per request, measured), so they are off unless asked for: Flower switches them
         # on in running workers itself (its enable_events timer, every 5 s), and sees every task from then on.
@@ -66,8 +66,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         # a broker outage: publishing gives up after about a second (FleetError fleet_publish_failed)
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
-        # one connection per worker thread at once: redis-py's default pool of 100 fails a worker with -c 256
-        "redis_max_connections": max(100, 2 * sum(i.concurrency for i in settings.usable_instances()) + 32),
+        "redis_max_connections": redis_pool_size(slots),  # a connection per worker thread at once
         "task_time_limit": int(longest_s + _BROKER_MARGIN_S),
         "worker_hijack_root_logger": False,
         "worker_consumer": "tasks.consumer:FleetConsumer",
@@ -76,6 +75,3 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
-
-
-globals().update(build_config(get_settings()))

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import psutil
 
+from provider.sizing import process_shares, worker_threads
 from simulator.cli import READY_PREFIX
 
 __all__ = [
@@ -232,7 +233,9 @@ def start_worker(env: Mapping[str, str], name: str, concurrency: int, processes:
     """
     from tasks.cli import worker_group_argv, worker_process_argv
 
-    argv = worker_process_argv(name, concurrency) if processes == 1 else worker_group_argv(name, processes)
+    # One process: the threads ``vllm-fleet worker`` gives it (``sizing.worker_threads``); K: it sizes them itself.
+    threads = worker_threads([concurrency])
+    argv = worker_process_argv(name, threads) if processes == 1 else worker_group_argv(name, processes)
     return Managed(name, argv, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -267,11 +270,6 @@ class PeerWorker:
         """Warm shutdown of every process (killed if it lingers)."""
         for proc in self.processes:
             proc.stop()
-
-
-def process_shares(concurrency: int, processes: int) -> list[int]:
-    """``concurrency`` slots split over ``processes`` (as ``Settings`` splits an instance's; they add up)."""
-    return [max(1, concurrency // processes + (1 if i < concurrency % processes else 0)) for i in range(processes)]
 
 
 def start_peer_worker(env: Mapping[str, str], name: str, concurrency: int, processes: int = 1) -> PeerWorker:

@@ -46,8 +46,8 @@ from bench.procs import (
 )
 from bench.stats import gaps_ms, paired_differences, percentile, rate, summarize
 from provider.settings import InstanceSettings, Settings
+from provider.sizing import default_process_count
 from provider.vllm.client import VllmClient
-from tasks.process_group import default_process_count
 
 __all__ = [
     "CHAT_MODEL",
@@ -364,7 +364,7 @@ def _meter(
 
 def worker_processes_for(callers: int) -> int:
     """Worker processes for ``callers`` in flight: ``vllm-fleet worker``'s default for an instance of that
-    concurrency on this machine (``tasks.process_group.default_process_count``)."""
+    concurrency on this machine (``provider.sizing.default_process_count``)."""
     return default_process_count([callers])
 
 

@@ -6,4 +6,5 @@
 - ``provider.protocol``: envelopes, signed tokens, sealing, answer signatures, the replay ledger and the
   caller's error tree (``FleetError``); it reads only its own ``SecuritySettings``.
 - ``provider.settings``: the typed settings every other part reads (``security`` is the protocol's).
+- ``provider.sizing``: how big a worker is (processes, each one's share of the slots, threads, Redis pool).
 """

@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from provider.protocol.settings import SecuritySettings
+from provider.sizing import process_share
 
 __all__ = [
     "DEFAULT_LOCALHOST_URL",
@@ -262,8 +263,8 @@ class Settings(BaseSettings):
         if index > count:
             raise ValueError(f"worker_process_index {index} is beyond worker_processes {count}")
         for name, instance in self.instances.items():
-            share = instance.concurrency // count + (1 if index <= instance.concurrency % count else 0)
-            self.instances[name] = instance.model_copy(update={"concurrency": max(1, share)})
+            share = process_share(instance.concurrency, count, index)
+            self.instances[name] = instance.model_copy(update={"concurrency": share})
         if self.metrics_port:
             self.metrics_port += index - 1
         return self

@@ -7,31 +7,17 @@
     for chunk in open_stream(result):
         print(chunk.content or "", end="")
 
-Results are opened response envelopes (dicts); failures raise ``FleetError`` with a ``code``.
+Results are opened response envelopes (dicts); failures raise ``FleetError`` with a ``code``. Each task name here
+resolves to the current app's task (``configure(settings)`` switches the app; ``tasks.app``).
 """
 
 from __future__ import annotations
 
 from provider.protocol import FleetError
 from provider.vllm.models import StreamChunk
-from tasks.app import app
-from tasks.fleet import (
-    chat,
-    discover,
-    embed,
-    health,
-    is_sleeping,
-    list_models,
-    readiness,
-    reset_mm_cache,
-    reset_prefix_cache,
-    sleep,
-    stream_chat,
-    version,
-    wake_up,
-)
+from tasks.app import app, configure, fleet_task
 from tasks.producer import FleetGroupResult, FleetResult
-from tasks.runtime import configure, runtime
+from tasks.runtime import runtime
 from tasks.stream_entries import StreamReset
 from tasks.stream_reader import FleetStream, cancel_stream, stream_deadline
 
@@ -60,6 +46,21 @@ __all__ = [
     "version",
     "wake_up",
 ]
+
+# The fleet's tasks (``tasks.fleet``), as the current app has them.
+chat = fleet_task("chat")
+stream_chat = fleet_task("stream_chat")
+embed = fleet_task("embed")
+health = fleet_task("health")
+readiness = fleet_task("readiness")
+version = fleet_task("version")
+list_models = fleet_task("list_models")
+is_sleeping = fleet_task("is_sleeping")
+sleep = fleet_task("sleep")
+wake_up = fleet_task("wake_up")
+reset_prefix_cache = fleet_task("reset_prefix_cache")
+reset_mm_cache = fleet_task("reset_mm_cache")
+discover = fleet_task("discover")
 
 
 def open_stream(result: FleetResult | str, *, start_id: str = "0-0", timeout_s: float | None = None) -> FleetStream:

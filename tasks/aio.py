@@ -23,7 +23,7 @@ from provider.vllm.models import StreamChunk
 from tasks.producer import FleetResult, FleetTask
 from tasks.runtime import runtime
 from tasks.stream_entries import StreamReset
-from tasks.stream_reader import READ_BATCH, StreamCursor, stream_deadline
+from tasks.stream_reader import StreamCursor, stream_deadline
 
 __all__ = ["astream", "gather_result", "submit"]
 
@@ -50,13 +50,12 @@ async def astream(
     sealer = rt.stream_sealer(task_id)
     cursor = StreamCursor(start_id, deadline)
     try:
-        entries: Any = await client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.reread else []
+        entries: Any = await client.xrange(key, *cursor.reread_range()) if cursor.reread else []
         while True:
             for _, item in cursor.items(entries, sealer):
                 yield item
             if cursor.ended:
                 return
-            reply: Any = await client.xread({key: cursor.entry_id}, count=READ_BATCH, block=cursor.block_ms())
-            entries = reply[0][1] if reply else []
+            entries = cursor.entries_of(await client.xread(**cursor.next_read(key)))
     finally:
         await client.aclose()

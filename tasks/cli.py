@@ -36,7 +36,6 @@ console = Console()
 err_console = Console(stderr=True)
 # ``discover`` has its own command.
 _MANAGEMENT_ACTIONS = tuple(operation for operation in MANAGEMENT_OPERATIONS if operation != "discover")
-_MANAGEMENT_HEADROOM = 2
 _PIPED_WIDTH = 400
 _INSPECT_TIMEOUT_S = 1.0
 
@@ -148,8 +147,9 @@ def worker_group_argv(name: str, processes: int, loglevel: str = "WARNING") -> l
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from provider.settings import get_settings
+    from provider.sizing import default_process_count, worker_threads
     from provider.vllm.discovery import instances_to_serve, no_instances_reason
-    from tasks.process_group import default_process_count, run_worker_group
+    from tasks.process_group import run_worker_group
 
     settings = get_settings()
     instances = instances_to_serve(settings)
@@ -164,7 +164,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             )
     from tasks.app import app
 
-    threads = args.concurrency or sum(i.concurrency for i in instances) + _MANAGEMENT_HEADROOM
+    threads = args.concurrency or worker_threads([i.concurrency for i in instances])
     argv = ["worker", "-P", "threads", "-c", str(threads), "--without-mingle", "-l", args.loglevel]
     if args.hostname:
         argv += ["-n", args.hostname]
@@ -307,9 +307,9 @@ def _answers_table(title: str, answers: dict[str, Any]) -> Table:
 
 
 def _cmd_manage(args: argparse.Namespace) -> int:
-    import tasks.fleet as fleet
+    from tasks.app import fleet_task
 
-    task = getattr(fleet, args.action)
+    task = fleet_task(args.action)
     params: dict[str, Any] = {"instance": args.instance}
     if args.action == "sleep":
         params["level"] = args.level

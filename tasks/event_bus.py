@@ -25,16 +25,14 @@ else the Redis stream.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import redis
 
+from provider.fleet.names import broker_is_amqp
 from provider.fleet.redis_keys import RedisKeys
 from tasks.event_bus_amqp import AmqpEventBus, AmqpEventReader
 from tasks.event_bus_base import (
     ALL_REGISTRY_EVENTS,
     AMQP_CONNECT_TIMEOUT_S,
-    AMQP_SCHEMES,
     DEFAULT_QUEUE_SIZE,
     EVENTS_STREAM_MAX_LEN,
     BackgroundEventBus,
@@ -74,7 +72,6 @@ def events_bus_for(
     queue_size: int = DEFAULT_QUEUE_SIZE,
 ) -> BackgroundEventBus:
     """AMQP for an AMQP broker, else the Redis stream ``keys.events``."""
-    scheme = urlsplit(broker_url).scheme.lower()
-    if scheme in AMQP_SCHEMES:
+    if broker_is_amqp(broker_url):
         return AmqpEventBus(broker_url, queue_size=queue_size)
     return RedisStreamEventBus(redis_client, keys.events, maxlen, queue_size=queue_size)

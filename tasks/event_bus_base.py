@@ -35,7 +35,6 @@ CLOSE_TIMEOUT_S: Final = 2.0
 READER_POLL_S: Final = 0.02
 NON_PERSISTENT: Final = 1
 CONTENT_TYPE: Final = "application/json"
-AMQP_SCHEMES: Final = frozenset({"amqp", "amqps", "pyamqp"})
 ALL_REGISTRY_EVENTS: Final = f"{REGISTRY_ROUTING_PREFIX}.#"
 
 

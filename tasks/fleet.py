@@ -1,4 +1,5 @@
-"""The fleet's Celery tasks. Names are stable: apps and other languages send them by name.
+"""The fleet's Celery tasks, registered on an app by ``register_fleet_tasks``. Names are stable: apps and other
+languages send them by name.
 
 | task | operation | goes to |
 |---|---|---|
@@ -7,96 +8,72 @@
 | ``vllm.embed`` | embeddings | ``llm.fleet.embed.<model>`` |
 | ``vllm.<management>`` | management (below) | ``llm.fleet.mgmt.<instance>``; ``instance="all"`` fans out |
 
-Management tasks: one ``vllm.<operation>`` per ``provider.protocol.MANAGEMENT_OPERATIONS`` (the one list).
-
-Each task takes one argument, the request envelope, and returns a response envelope.
+One task per operation of ``provider.protocol.OPERATIONS`` (inference, then management: the one list), named
+``vllm.<operation>``. Each takes one argument, the request envelope, and returns a response envelope. Producers
+reach them as ``from tasks import chat, ...`` (``tasks.app.fleet_task``: whichever app is current).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Task
+from celery import Celery, Task
 
-from provider.protocol import MANAGEMENT_OPERATIONS
-from tasks.app import app
+from provider.protocol import OPERATIONS
 from tasks.producer import FleetTask
 
-__all__ = [
-    "MANAGEMENT_TASKS",
-    "chat",
-    "discover",
-    "embed",
-    "health",
-    "is_sleeping",
-    "list_models",
-    "readiness",
-    "reset_mm_cache",
-    "reset_prefix_cache",
-    "sleep",
-    "stream_chat",
-    "version",
-    "wake_up",
-]
+if TYPE_CHECKING:
+    from tasks.pipeline import Runner
+
+__all__ = ["TASK_PREFIX", "register_fleet_tasks", "task_name"]
+
+TASK_PREFIX = "vllm."
 
 
-_TaskBody = Callable[["Task[Any, Any]", dict[str, Any]], Any]
+def task_name(operation: str) -> str:
+    """The stable Celery name of an operation's task: ``vllm.<operation>``."""
+    return f"{TASK_PREFIX}{operation}"
 
 
-def _fleet_task(name: str, operation: str) -> Callable[[_TaskBody], FleetTask]:
-    """Register a fleet task (bound, envelope-in envelope-out) under its stable name."""
-    decorator: Callable[[_TaskBody], FleetTask] = app.task(
-        name=name, base=FleetTask, bind=True, operation=operation, typing=False
-    )
-    return decorator
+def _runner(operation: str) -> Runner:
+    """The worker's runner of an operation (worker code: imported when a task runs, never by producers)."""
+    from tasks import execution
+    from tasks.management import run_management
+
+    runners: dict[str, Runner] = {"chat": execution.run_chat, "stream_chat": execution.run_stream}
+    runners["embed"] = execution.run_embed
+    return runners.get(operation, run_management)
 
 
-@_fleet_task("vllm.chat", "chat")
-def chat(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
-    """A chat completion."""
-    from tasks.execution import execute, run_chat  # worker code: loaded by the worker's bootstep, never by producers
+def _run(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
+    """Run one fleet request envelope through the worker pipeline; returns the response envelope."""
+    from tasks.execution import execute
 
-    return execute(self, envelope, run_chat)
-
-
-@_fleet_task("vllm.stream_chat", "stream_chat")
-def stream_chat(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
-    """A chat whose chunks are relayed into Redis as they arrive; the result is the assembled message."""
-    from tasks.execution import execute, run_stream
-
-    return execute(self, envelope, run_stream)
+    operation = self.operation  # type: ignore[attr-defined]
+    return execute(self, envelope, _runner(operation))
 
 
-@_fleet_task("vllm.embed", "embed")
-def embed(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
-    """Embeddings for one text or a batch."""
-    from tasks.execution import execute, run_embed
-
-    return execute(self, envelope, run_embed)
-
-
-def _management_task(operation: str) -> FleetTask:
-    @_fleet_task(f"vllm.{operation}", operation)
-    def run(self: Task[Any, Any], envelope: dict[str, Any]) -> Any:
-        from tasks.execution import execute
-        from tasks.management import run_management
-
-        return execute(self, envelope, run_management)
-
-    run.__doc__ = f"Management: {operation} on one instance (or every instance with instance='all')."
-    return run
+_DOCS = {
+    "chat": "A chat completion.",
+    "stream_chat": "A chat whose chunks are relayed into Redis as they arrive; the result is the assembled message.",
+    "embed": "Embeddings for one text or a batch.",
+}
 
 
-MANAGEMENT_TASKS: dict[str, FleetTask] = {operation: _management_task(operation) for operation in MANAGEMENT_OPERATIONS}
-# The producer API's names for them (``from tasks import sleep``).
-health = MANAGEMENT_TASKS["health"]
-readiness = MANAGEMENT_TASKS["readiness"]
-version = MANAGEMENT_TASKS["version"]
-list_models = MANAGEMENT_TASKS["list_models"]
-is_sleeping = MANAGEMENT_TASKS["is_sleeping"]
-reset_prefix_cache = MANAGEMENT_TASKS["reset_prefix_cache"]
-reset_mm_cache = MANAGEMENT_TASKS["reset_mm_cache"]
-sleep = MANAGEMENT_TASKS["sleep"]
-wake_up = MANAGEMENT_TASKS["wake_up"]
-discover = MANAGEMENT_TASKS["discover"]
+def register_fleet_tasks(app: Celery) -> dict[str, FleetTask]:
+    """Register one task per operation on ``app`` (bound, envelope in, envelope out); operation → task."""
+    registered: dict[str, FleetTask] = {}
+    for operation in OPERATIONS:
+        doc = _DOCS.get(operation, f"Management: {operation} on one instance (or every instance with instance='all').")
+        decorator: Callable[[Callable[..., Any]], FleetTask] = app.task(
+            name=task_name(operation),
+            base=FleetTask,
+            bind=True,
+            operation=operation,
+            typing=False,
+            shared=False,  # this app's only: each app gets its own, from here
+            __doc__=doc,
+        )
+        registered[operation] = decorator(_run)
+    return registered

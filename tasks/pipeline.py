@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from provider.fleet.names import DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, DELIVERY_COUNT_HEADER
 from provider.protocol import (
     ERROR_MESSAGE_TYPE,
+    INFERENCE_OPERATIONS,
     PLAIN_RESPONSE_FIELDS,
     SEALED_RESPONSE_FIELDS,
     ClaimMismatchError,
@@ -84,7 +85,6 @@ _HELD_POLL_S = 0.1
 DELIVERY_LIMIT_REASON = "delivery_limit"
 _HAND_BACK_PAUSE_S = 0.5
 RESPONSE_BODY_FIELDS = (*SEALED_RESPONSE_FIELDS, *PLAIN_RESPONSE_FIELDS)
-_GENERATION = frozenset({"chat", "stream_chat", "embed", "count_tokens"})
 
 
 @dataclass(slots=True)
@@ -285,7 +285,7 @@ def pick_instance(ctx: RequestContext) -> ServedInstance:
 def run_in_slot(ctx: RequestContext, run: Runner) -> dict[str, Any]:
     """Pick the instance, then run the operation, holding one of its concurrency slots for generation."""
     served = pick_instance(ctx)
-    if ctx.verified.operation in _GENERATION:
+    if ctx.verified.operation in INFERENCE_OPERATIONS:
         with served.slot():
             return run(ctx)
     return run(ctx)

@@ -3,42 +3,32 @@
 A Python process runs at most one core's worth of Python at a time (the GIL), and a worker relaying hundreds of
 requests to vLLM needs more than that (measured: one process tops out at about 0.8 core, 90 chats/s here). The
 group starts K ordinary worker processes: process i is told its place (``VLLM_FLEET_WORKER_PROCESS_INDEX``) and
-takes its share of every instance's concurrency (``Settings._take_process_share``), so the instance sees no more
-requests at once than configured. Each is its own Celery node (``name-i@host``). Signals go to every process;
-when one process ends, the others are stopped too, and the group exits with the first failure's status, so
-whatever supervises the worker (systemd, Docker, Kubernetes) restarts it whole.
+takes its share of every instance's concurrency (``Settings._take_process_share``, by
+``provider.sizing.process_share``), so the instance sees no more requests at once than configured. Each is its
+own Celery node (``name-i@host``). Signals go to every process; when one process ends, the others are stopped too,
+and the group exits with the first failure's status, so whatever supervises the worker (systemd, Docker,
+Kubernetes) restarts it whole.
 
-Without ``--processes`` (or ``WORKER_PROCESSES``) the worker sizes the group itself: ``default_process_count``.
+Without ``--processes`` (or ``WORKER_PROCESSES``) the worker sizes the group itself: ``default_process_count``
+(``provider.sizing``, beside each process's share and thread count).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
 from provider.settings import InstanceSettings
 from provider.vllm.errors import ProviderConfigurationError
 
-__all__ = [
-    "SLOTS_PER_PROCESS",
-    "available_cores",
-    "cgroup_cpu_limit",
-    "child_node_name",
-    "default_process_count",
-    "run_worker_group",
-]
+__all__ = ["child_node_name", "run_worker_group"]
 
 _POLL_S = 0.2
-# Requests in flight one process keeps up with before its one core runs out (measured on 2 cores, TTFT 100 ms,
-# 16 tokens: one process relays about 90 chats/s at 0.8 core, which is about 36 requests of 0.4 s in flight).
-SLOTS_PER_PROCESS = 32
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -46,41 +36,6 @@ def child_node_name(hostname: str | None, index: int) -> str:
     """``chat@%h`` → ``chat-2@%h`` for process 2 (``worker-2@%h`` without a name)."""
     node, _, host = (hostname or "worker@%h").partition("@")
     return f"{node}-{index}@{host or '%h'}"
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
-    """Whole cores a cgroup v2 CPU quota allows (``docker run --cpus``, Kubernetes limits), rounded up; None
-    without a quota."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        return None
-
-
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity (where the OS tells it, else every core), capped by a
-    container's CPU quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(cores, limit) if limit else cores)
-
-
-def default_process_count(concurrencies: Sequence[int], cores: int | None = None) -> int:
-    """Worker processes for instances allowing ``concurrencies`` requests at once: one per ``SLOTS_PER_PROCESS``
-    requests in flight, at most one per core, and no more than the smallest instance has slots to share."""
-    if not concurrencies:
-        return 1
-    cores = available_cores() if cores is None else cores
-    return max(1, min(cores, sum(concurrencies) // SLOTS_PER_PROCESS, min(concurrencies)))
 
 
 def _check_shares(count: int, instances: Sequence[InstanceSettings]) -> None:

@@ -1,6 +1,6 @@
 """The process-wide fleet state: settings, Redis, the envelope codec, the ledger and the registry.
 
-Built lazily on first use and rebuilt by ``configure`` (tests and the CLI switch settings this way).
+Built lazily on first use; ``tasks.app.configure`` replaces it (with the Celery app) through ``replace_runtime``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from provider.fleet.registry import OfferingRegistry
 from provider.protocol import EnvelopeCodec, IdempotencyStore, JtiLedger
 from provider.protocol.records import RecordAuthenticator
 from provider.settings import Settings, get_settings
+from provider.sizing import redis_pool_size
 from tasks.brokers import LaneBroker, broker_for
 from tasks.metrics import REFUSED_REGISTRY_RECORDS
 from tasks.stream_entries import EntrySealer
 
-__all__ = ["FleetRuntime", "configure", "runtime"]
+__all__ = ["FleetRuntime", "replace_runtime", "runtime"]
 
 
 @dataclass
@@ -35,13 +36,8 @@ class FleetRuntime:
 
     @cached_property
     def redis(self) -> Redis:
-        """Shared state: registry, streams, ledger (not the broker).
-
-        A worker runs one thread per concurrency slot and each may hold a connection at once: redis-py's default
-        pool of 100 raised ``MaxConnectionsError`` under a worker with ``-c 256``, so the pool grows with them.
-        """
-        slots = sum(instance.concurrency for instance in self.settings.usable_instances())
-        pool_size = max(100, 2 * slots + 32)
+        """Shared state: registry, streams, ledger (not the broker); pooled for every worker thread at once."""
+        pool_size = redis_pool_size([instance.concurrency for instance in self.settings.usable_instances()])
         return Redis.from_url(self.settings.redis_url, health_check_interval=30, max_connections=pool_size)
 
     @cached_property
@@ -92,6 +88,12 @@ class FleetRuntime:
         pipe.pexpire(key, max(1, int(ttl_s * 1000)))
         return int(pipe.execute()[0])
 
+    def close(self) -> None:
+        """Release this runtime's Redis connections (a replaced runtime; anything still using it reconnects)."""
+        client = self.__dict__.get("redis")
+        if isinstance(client, Redis):
+            client.close()
+
     def stream_sealer(self, request_id: str) -> EntrySealer:
         """Signs (workers) and checks (producers) a request's stream entries; seals them when encryption is on."""
         return EntrySealer(self.codec.keyring, request_id, encrypt=self.settings.security.encrypt)
@@ -111,28 +113,11 @@ def runtime() -> FleetRuntime:
     return _current
 
 
-def configure(settings: Settings) -> FleetRuntime:
-    """Replace the runtime (and the Celery app's configuration) with one built from ``settings``."""
+def replace_runtime(fresh: FleetRuntime) -> FleetRuntime | None:
+    """Make ``fresh`` the current runtime; returns the one it replaces (None before first use).
+
+    ``tasks.app.configure`` switches the runtime and the Celery app together through this."""
     global _current
-    from celeryconfig import build_config
-    from tasks.app import app, apply_queue_declarations
-
     with _lock:
-        _current = FleetRuntime(settings)
-    app.conf.update(build_config(settings))
-    apply_queue_declarations(settings)
-    _forget_connections(app)
-    return _current
-
-
-def _forget_connections(app: Any) -> None:
-    """Make the app connect anew (broker and result backend) with the current configuration."""
-    app._pool = None
-    app.amqp._producer_pool = None
-    # The task-sent event dispatcher fixes its exchange type at the first broker (fanout on Redis, topic on
-    # RabbitMQ), and send_task_message keeps that dispatcher and the queues in its closure: rebuild both.
-    for cached in ("queues", "router", "_rtable", "_event_dispatcher", "send_task_message"):
-        app.amqp.__dict__.pop(cached, None)
-    app._backend_cache = None
-    app.__dict__.pop("control", None)  # its mailbox keeps a producer pool of the old broker
-    app._local = threading.local()
+        previous, _current = _current, fresh
+    return previous

@@ -64,7 +64,7 @@ def read_stream(
     remember where to resume: an entry id, or ``<entry id>/<n>`` inside an entry of several chunks.
     """
     cursor = StreamCursor(start_id, deadline)
-    entries: Any = client.xrange(key, min=cursor.entry_id, max=cursor.entry_id) if cursor.reread else []
+    entries: Any = client.xrange(key, *cursor.reread_range()) if cursor.reread else []
     while True:
         try:
             for position, item in cursor.items(entries, sealer):
@@ -79,15 +79,15 @@ def read_stream(
             if on_entry is not None:
                 on_entry(cursor.entry_id)
             return
-        reply: Any = client.xread({key: cursor.entry_id}, count=READ_BATCH, block=cursor.block_ms())
-        entries = reply[0][1] if reply else []
+        entries = cursor.entries_of(client.xread(**cursor.next_read(key)))
 
 
 class StreamCursor:
     """A reader's place in a stream: the last entry read and, inside an entry of several chunks, how many of
     them, the sequence number the next genuine entry must carry, and the deadline. Sync and async readers feed
-    it the entries XRANGE/XREAD return (from a position other than the start, beginning with the entry at that
-    position: ``reread``), yield what it gives back, and block each XREAD for ``block_ms()``."""
+    it what Redis returns for the reads it plans (``reread_range`` for XRANGE when ``reread``, then ``next_read``
+    for each XREAD, its reply through ``entries_of``) and yield what ``items`` gives back: the loop's logic and the
+    deadline are here, the readers only do the I/O (blocking or awaited)."""
 
     def __init__(self, position: str, deadline: float) -> None:
         self.deadline = deadline
@@ -135,6 +135,20 @@ class StreamCursor:
             total = len(items)
             for index, item in enumerate(items[skip:], start=skip + 1):
                 yield (entry_id if index == total else f"{entry_id}/{index}"), item
+
+    def reread_range(self) -> tuple[str, str]:
+        """XRANGE bounds of the entry at the resume position (read again: part of it may be unread)."""
+        return self.entry_id, self.entry_id
+
+    def next_read(self, key: str) -> dict[str, Any]:
+        """XREAD arguments for the next batch after the cursor, blocking at most until the deadline (raises
+        ``fleet_timeout`` once it has passed)."""
+        return {"streams": {key: self.entry_id}, "count": READ_BATCH, "block": self.block_ms()}
+
+    @staticmethod
+    def entries_of(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
+        """The entries of an XREAD reply on one stream (none when it timed out)."""
+        return list(reply[0][1]) if reply else []
 
     def block_ms(self) -> int:
         """How long the next XREAD may block; ``fleet_timeout`` once the deadline has passed."""

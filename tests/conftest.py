@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +25,34 @@ RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 # sessions on one host do not flush each other's data.
 TEST_VHOST = f"vllm-fleet-test-{os.getpid()}"
 BROKER_DB, BACKEND_DB, STATE_DB = (int(n) for n in os.environ.get("VFT_REDIS_DBS", "10,11,12").split(","))
+
+
+_T = TypeVar("_T")
+POLL_INTERVAL_S = 0.05
+
+
+def wait_until(
+    predicate: Callable[[], _T],
+    timeout_s: float = 15.0,
+    what: str = "condition",
+    *,
+    interval_s: float = POLL_INTERVAL_S,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> _T:
+    """Poll ``predicate`` until it returns something true (returned) or fail the test after ``timeout_s``; the
+    tests' one way to wait for something to happen (never a fixed sleep). ``ignore``: exceptions that mean "not
+    yet" (a server still starting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = predicate()
+        except ignore:
+            value = None  # type: ignore[assignment]
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        time.sleep(interval_s)
 
 
 def _reachable(host: str, port: int) -> bool:

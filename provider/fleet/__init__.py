@@ -48,6 +48,7 @@ from provider.fleet.lanes import (
     slug,
 )
 from provider.fleet.names import (
+    AMQP_SCHEMES,
     CONTROL_QUEUE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_REASON_HEADER,
@@ -60,6 +61,7 @@ from provider.fleet.names import (
     MANAGEMENT_QUEUE_PREFIX,
     REGISTRY_EXCHANGE,
     REGISTRY_ROUTING_PREFIX,
+    broker_is_amqp,
 )
 from provider.fleet.offerings import (
     CAPABILITY_ALIASES,
@@ -96,6 +98,7 @@ from provider.fleet.token_estimate import (
 )
 
 __all__ = [
+    "AMQP_SCHEMES",
     "BYTES_PER_TOKEN_ESTIMATE",
     "CAPABILITY_ALIASES",
     "CAPACITY_CHECK_INTERVAL_S",
@@ -147,6 +150,7 @@ __all__ = [
     "UnknownEventTypeError",
     "UnsafeEventError",
     "UsageType",
+    "broker_is_amqp",
     "canonical_alias_for",
     "capability_segment",
     "choose_lane",

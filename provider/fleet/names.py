@@ -7,8 +7,10 @@ Strings only: the declarations (durability, arguments) are in ``tasks.queues``; 
 from __future__ import annotations
 
 from typing import Final
+from urllib.parse import urlsplit
 
 __all__ = [
+    "AMQP_SCHEMES",
     "CONTROL_QUEUE",
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_REASON_HEADER",
@@ -21,7 +23,11 @@ __all__ = [
     "MANAGEMENT_QUEUE_PREFIX",
     "REGISTRY_EXCHANGE",
     "REGISTRY_ROUTING_PREFIX",
+    "broker_is_amqp",
 ]
+
+# Broker URL schemes that mean RabbitMQ (AMQP); any other broker URL is Redis.
+AMQP_SCHEMES: Final = frozenset({"amqp", "amqps", "pyamqp"})
 
 # Lane keys (queue names and routing keys): ``llm.fleet.<embed|inference>.<model>...`` (``provider.fleet.lanes``).
 LANE_PREFIX: Final = "llm.fleet"
@@ -44,3 +50,9 @@ DEAD_LETTER_SOURCE_HEADER: Final = "x-fleet-dead-letter-source"
 DELIVERY_COUNT_HEADER: Final = "x-delivery-count"
 DEATH_HEADER: Final = "x-death"
 FIRST_DEATH_REASON_HEADER: Final = "x-first-death-reason"
+
+
+def broker_is_amqp(broker_url: str) -> bool:
+    """Whether a broker URL names RabbitMQ (``amqp://``, ``amqps://``, ``pyamqp://``, any case) rather than Redis:
+    the fleet's one such check."""
+    return urlsplit(broker_url).scheme.lower() in AMQP_SCHEMES

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_NESTING_DEPTH",
     "MAX_TIMEOUT_S",
     "NAME_PATTERN",
+    "OPERATIONS",
     "PLAIN_RESPONSE_FIELDS",
     "PROTOCOL_VERSION",
     "PROVIDER_PATTERN",
@@ -76,9 +77,10 @@ Operation = Literal[
     "reset_mm_cache",
     "discover",
 ]
-ALLOWED_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
-INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed"})
-MANAGEMENT_OPERATIONS: tuple[str, ...] = tuple(op for op in get_args(Operation) if op not in INFERENCE_OPERATIONS)
+OPERATIONS: tuple[str, ...] = get_args(Operation)
+ALLOWED_OPERATIONS: frozenset[str] = frozenset(OPERATIONS)
+INFERENCE_OPERATIONS = frozenset({"chat", "stream_chat", "embed"})  # a model serves these (lanes, slots)
+MANAGEMENT_OPERATIONS: tuple[str, ...] = tuple(op for op in OPERATIONS if op not in INFERENCE_OPERATIONS)
 
 # Fields whose payload is sealed in a response when encryption is on; the rest of the body stays in the clear.
 SEALED_RESPONSE_FIELDS = ("content", "tool_calls", "metadata", "result", "reasoning")

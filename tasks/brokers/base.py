@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from kombu import Queue
 from redis import Redis
 
+from provider.fleet.names import broker_is_amqp
 from provider.fleet.redis_keys import RedisKeys
 from provider.settings import Settings
 from tasks.event_bus import EventBus, ReceivedEvent
@@ -16,14 +17,7 @@ from tasks.queues import CONTROL_QUEUE
 
 __all__ = ["EventReader", "LaneBroker", "broker_for", "broker_is_amqp"]
 
-_AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
-
 T = TypeVar("T")
-
-
-def broker_is_amqp(broker_url: str) -> bool:
-    """Whether the broker speaks AMQP (RabbitMQ) rather than Redis."""
-    return broker_url.startswith(_AMQP_SCHEMES)
 
 
 class EventReader(Protocol):

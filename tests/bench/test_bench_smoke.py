@@ -13,11 +13,11 @@ import pytest
 from bench.__main__ import saturation_notes
 from bench.fleet import bench_databases
 from bench.load import check_answer
-from bench.procs import process_shares
 from bench.profile import areas, collapse, count_commands
 from bench.report import evaluate_targets, fmt, render_markdown
 from bench.scenarios import Sanity
 from bench.stats import cores_used, gaps_ms, paired_differences, percentile, rate, summarize
+from provider.sizing import process_shares
 
 
 def test_percentile_interpolates_between_ranks() -> None:

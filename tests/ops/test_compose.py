@@ -42,7 +42,7 @@ import pytest
 import redis
 import yaml
 
-from tasks.process_group import default_process_count
+from provider.sizing import default_process_count
 from tests.conftest import (
     BACKEND_DB,
     BROKER_DB,
@@ -55,6 +55,7 @@ from tests.conftest import (
     _rabbitmqctl,
     require_server,
 )
+from tests.conftest import wait_until as shared_wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -718,13 +719,10 @@ class Stack:
 
 
 def wait_until(predicate: Any, what: str, stack: Stack | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout_s} s\n{stack.logs() if stack else ''}")
+    try:
+        shared_wait_until(predicate, timeout_s, what, interval_s=0.1, ignore=(Exception,))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs() if stack else ''}") from None
 
 
 def _answers(url: str) -> bool:

@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import redis
 from provider.settings import InstanceSettings, Settings, Timeouts
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
-from tests.conftest import BROKER_DB, STATE_DB
+from tests.conftest import BROKER_DB, STATE_DB, wait_until
 from tests.tasks.conftest import WorkerProcess, fleet_security, fleet_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -68,15 +67,7 @@ def _free_port() -> int:
 
 
 def _wait(predicate: Any, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+    wait_until(predicate, timeout_s, what, interval_s=0.1, ignore=(httpx.HTTPError, ValueError, KeyError))
 
 
 def _secret_strings(settings: Settings) -> list[str]:

@@ -13,9 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -30,6 +29,7 @@ from tests.conftest import (
     STATE_DB,
     _rabbitmqctl,
     require_server,
+    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,14 +119,8 @@ def flower_task_names(env: dict[str, str]) -> set[str]:
     return {task["name"] for task in httpx.get(url, auth=(user, password), timeout=5).json().values()}
 
 
-def poll(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + POLL_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if predicate():  # type: ignore[operator]
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached within {POLL_S} s")
+def poll(predicate: Callable[[], object], what: str) -> None:
+    wait_until(predicate, POLL_S, what, interval_s=0.2, ignore=(Exception,))
 
 
 @pytest.mark.timeout(300)

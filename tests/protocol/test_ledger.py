@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -20,6 +19,7 @@ from provider.protocol import (
     JtiLedger,
     ReplayedError,
 )
+from tests.conftest import wait_until
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -31,14 +31,9 @@ _T = TypeVar("_T")
 
 def poll(read: Callable[[], _T], done: Callable[[_T], bool], timeout_s: float = POLL_TIMEOUT_S) -> _T:
     """``read()`` again until ``done`` holds for its value (which is returned), or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout_s} s: {value!r}")
-        time.sleep(0.02)
+    # wrapped: the value looked for may itself be false (None once a record expired)
+    found = wait_until(lambda: (value,) if done(value := read()) else None, timeout_s, "the ledger's state")
+    return found[0]
 
 
 CONCURRENT_CLAIMERS = 16

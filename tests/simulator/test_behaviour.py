@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import math
 import struct
@@ -18,12 +17,13 @@ import pytest
 
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
+from tests.conftest import wait_until
 
 MODEL = "qwen3-6-27b"
 EMBED_MODEL = "minilm"
 TIMEOUT_S = 10.0
 POLL_S = 0.005
-WAIT_S = 3.0
+WAIT_S = 15.0  # a bound for a loaded host, not a speed: what "at once" means is asserted otherwise
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -74,11 +74,8 @@ def chat(content: str = "Hello world", **extra: Any) -> dict[str, Any]:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    """Poll ``condition`` until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(POLL_S)
+    """Poll ``condition`` (every few milliseconds: the simulator's states are short) until it holds."""
+    wait_until(condition, timeout_s, "the simulator's state", interval_s=POLL_S)
 
 
 def data_frames(text: str) -> list[Any]:
@@ -259,6 +256,9 @@ def test_sleep_abort_ends_plain_and_queued_requests(sim: SimulatorServer, http: 
     wait_for(lambda: sim.stats()["in_flight"] == 0)  # a stream's request ends just after its last frame
 
 
+KEEP_WINDOW_S = 0.2
+
+
 def test_sleep_keep_pauses_running_streams(sim: SimulatorServer, http: httpx.Client) -> None:
     """mode=keep holds a running stream without ending it; after wake_up it runs to its end."""
     sim.configure(itl_s=0.01)
@@ -276,13 +276,16 @@ def test_sleep_keep_pauses_running_streams(sim: SimulatorServer, http: httpx.Cli
     thread, results = in_thread(read)
     wait_for(lambda: len(arrivals) > 6)
     http.post("/sleep?mode=keep")
-    time.sleep(0.2)
+    asleep_at = len(arrivals)
+    time.sleep(KEEP_WINDOW_S)  # the behaviour under test: a window with the server asleep
     assert sim.stats()["running"] == 1
+    # 20+ frames' worth of time: none generated while asleep (one already on its way may still land)
+    assert len(arrivals) <= asleep_at + 1
     http.post("/wake_up")
     thread.join(TIMEOUT_S)
     frames = results[0]
     assert frames[-2]["choices"][0]["finish_reason"] == "length"
-    assert max(later - earlier for earlier, later in itertools.pairwise(arrivals)) > 0.15
+    assert len(arrivals) > asleep_at + 1  # and it ran on to its end after wake_up
 
 
 def test_sleep_wait_drains_running_requests(sim: SimulatorServer, http: httpx.Client) -> None:
@@ -305,7 +308,7 @@ def test_stream_disconnect_aborts_generation(sim: SimulatorServer, http: httpx.C
         for index, _ in enumerate(response.iter_lines()):
             if index == 8:
                 break
-    wait_for(lambda: sim.stats()["in_flight"] == 0, timeout_s=1.0)
+    wait_for(lambda: sim.stats()["in_flight"] == 0)
     stats = sim.stats()
     assert (stats["aborted"], stats["completed"], stats["running"]) == (1, 0, 0)
     generated = gauge(http.get("/metrics").text, "vllm:generation_tokens_total")
@@ -319,7 +322,7 @@ def test_plain_request_disconnect_aborts_generation(sim: SimulatorServer, http: 
     sim.configure(itl_s=0.01)
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=chat(max_tokens=1000, ignore_eos=True), timeout=0.1)
-    wait_for(lambda: sim.stats()["in_flight"] == 0, timeout_s=1.0)
+    wait_for(lambda: sim.stats()["in_flight"] == 0)
     assert sim.stats()["aborted"] == 1
 
 

@@ -9,7 +9,6 @@ Texts and numbers differ by design; shapes must not.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
+from tests.conftest import wait_until
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "vllm"
 API_KEY = "test-key-not-secret"
@@ -374,10 +374,8 @@ def test_sleep_abort_ends_stream_like_vllm(servers: dict[str, SimulatorServer]) 
     finally:
         httpx.post(f"{server.url}/wake_up", timeout=CLIENT_TIMEOUT_S)
         server.reset()
-    deadline = time.monotonic() + 5  # a stream's request ends just after its last frame
-    while server.stats()["in_flight"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.stats()["in_flight"] == 0
+    # a stream's request ends just after its last frame
+    wait_until(lambda: server.stats()["in_flight"] == 0, 15.0, "the aborted stream's request ending", interval_s=0.01)
 
 
 def test_metrics_have_vllm_names_and_labels(servers: dict[str, SimulatorServer]) -> None:

@@ -6,7 +6,6 @@ Redis); pytest groups the tests by broker, so each worker starts once per broker
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from provider.protocol import generated_security
 from provider.settings import InstanceSettings, LaneSettings, SecuritySettings, Settings, Timeouts
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
-from tests.conftest import BACKEND_DB, BROKER_DB, STATE_DB, flush_test_databases
+from tests.conftest import BACKEND_DB, BROKER_DB, STATE_DB, flush_test_databases, wait_until
 
 CHAT_MODEL = "qwen3-6-27b"
 SMALL_MODEL = "small-chat"
@@ -114,7 +113,7 @@ def fleet(
     security: SecuritySettings,
 ) -> Iterator[Fleet]:
     """A configured app and an in-process worker on the given broker."""
-    from tasks import app, configure
+    from tasks.app import configure, fleet_app
     from tasks.routing import invalidate_route_cache
 
     broker = request.param
@@ -125,7 +124,7 @@ def fleet(
     configure(settings)
     invalidate_route_cache()
     with start_worker(
-        app,
+        fleet_app(),  # the app itself, not the ``tasks.app.app`` proxy: the worker keeps the app it started with
         pool="threads",
         concurrency=WORKER_CONCURRENCY,
         perform_ping_check=False,
@@ -140,12 +139,7 @@ def fleet(
 def _wait_for_offerings(settings: Settings, timeout_s: float = 20.0) -> None:
     from tasks.runtime import runtime
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if len(runtime().registry.all()) >= 3:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the worker did not register its offerings in time")
+    wait_until(lambda: len(runtime().registry.all()) >= 3, timeout_s, "the worker registering its offerings")
 
 
 @pytest.fixture(autouse=True)
@@ -200,14 +194,7 @@ class WorkerProcess:
                 self.kill()
 
 
-def wait_for(predicate: Any, timeout_s: float = 15.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true or fail the test."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+wait_for = wait_until  # the name these tests have always used
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,7 +18,7 @@ from provider.fleet.redis_keys import RedisKeys
 from provider.protocol.errors import NoFleetQueue
 from provider.settings import LaneSettings, Settings
 from tasks.brokers import LaneBroker, RabbitMqLaneBroker, RedisLaneBroker, broker_for
-from tests.conftest import BROKER_DB, STATE_DB
+from tests.conftest import BROKER_DB, STATE_DB, wait_until
 
 READ_S = 5.0
 
@@ -81,10 +81,7 @@ def test_lane_declarations_are_built_once_and_match_the_broker(seam: Seam) -> No
 def test_lane_depth_counts_waiting_messages(seam: Seam) -> None:
     lane = seam.lane()
     seam.publish(lane, 3)
-    deadline = time.monotonic() + READ_S
-    while seam.broker.lane_depth(lane, seam.connection) != 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seam.broker.lane_depth(lane, seam.connection) == 3
+    wait_until(lambda: seam.broker.lane_depth(lane, seam.connection) == 3, READ_S, "three messages in the lane")
     consumers = seam.broker.lane_consumers(lane, seam.connection)
     assert consumers == (0 if seam.broker.kind == "rabbitmq" else None)
 

@@ -39,8 +39,9 @@ REDIS_DB = 15
 AMQP_URL = f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}//"
 DEAD_PORT = 1
 DEAD_AMQP_URL = f"amqp://guest:guest@127.0.0.1:{DEAD_PORT}//"
-# A non-blocking guarantee, not a benchmark: publish must not wait on a connect, whatever the machine.
-NON_BLOCKING_BOUND_S = 0.05
+# A non-blocking guarantee, not a benchmark: publish must not wait on a connect (1 s timeouts here), whatever the
+# machine; half of that leaves a loaded host room (a 50 ms bound flaked under load).
+NON_BLOCKING_BOUND_S = 0.5
 FLUSH_S = 5.0
 READ_S = 2.0
 QUIET_S = 0.3

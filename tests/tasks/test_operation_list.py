@@ -1,26 +1,28 @@
-"""The management operations are written once (``provider.protocol.MANAGEMENT_OPERATIONS``): the tasks, the
-worker's handlers, the CLI and the README all follow that list."""
+"""The operations are written once (``provider.protocol.OPERATIONS``; ``MANAGEMENT_OPERATIONS`` and
+``INFERENCE_OPERATIONS`` derive from it): the tasks, the worker's handlers and slot rule, the CLI and the README
+all follow that list."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from provider.protocol import INFERENCE_OPERATIONS, MANAGEMENT_OPERATIONS
+from provider.protocol import INFERENCE_OPERATIONS, MANAGEMENT_OPERATIONS, OPERATIONS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_one_task_per_operation_and_no_other() -> None:
+    import tasks
     from tasks.app import app
-    from tasks.fleet import MANAGEMENT_TASKS
 
-    assert list(MANAGEMENT_TASKS) == list(MANAGEMENT_OPERATIONS)
+    assert (*sorted(INFERENCE_OPERATIONS, key=OPERATIONS.index), *MANAGEMENT_OPERATIONS) == OPERATIONS
     fleet_tasks = {name for name in app.tasks if name.startswith("vllm.")}
-    expected = {f"vllm.{operation}" for operation in (*INFERENCE_OPERATIONS, *MANAGEMENT_OPERATIONS)}
-    assert fleet_tasks == expected
-    for operation, task in MANAGEMENT_TASKS.items():
+    assert fleet_tasks == {f"vllm.{operation}" for operation in OPERATIONS}
+    for operation in OPERATIONS:  # the producer API names each task after its operation
+        task = getattr(tasks, operation)
         assert (task.name, task.operation) == (f"vllm.{operation}", operation)
+        assert operation in tasks.__all__
 
 
 def test_one_handler_per_operation() -> None:

@@ -7,24 +7,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from provider.settings import InstanceSettings, Settings
+from provider.sizing import SLOTS_PER_PROCESS, default_process_count
 from simulator.config import ServedModel, SimulatorConfig
 from simulator.testing import SimulatorServer
 from tasks.cli import worker_group_argv
-from tasks.process_group import (
-    SLOTS_PER_PROCESS,
-    available_cores,
-    cgroup_cpu_limit,
-    child_node_name,
-    default_process_count,
-)
+from tasks.process_group import child_node_name
 from tests.tasks.conftest import Fleet, wait_for
 
 GROUP_MODEL = "group-chat"
@@ -73,18 +66,6 @@ def stop(group: subprocess.Popen[str]) -> int:
 # -- the shares, without processes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("concurrency", "processes"), [(4, 2), (5, 3), (256, 2), (7, 7)])
-def test_the_process_shares_add_up_to_the_instance_limit(concurrency: int, processes: int) -> None:
-    instances = {"a": InstanceSettings(name="a", base_url="http://gpu.test:8000", concurrency=concurrency)}
-    shares = [
-        Settings(instances=instances, worker_processes=processes, worker_process_index=index).instances["a"]
-        for index in range(1, processes + 1)
-    ]
-    counts = [share.concurrency for share in shares]
-    assert sum(counts) == concurrency
-    assert max(counts) - min(counts) <= 1
-
-
 def test_each_process_serves_metrics_on_its_own_port() -> None:
     ports = [
         Settings(metrics_port=9100, worker_processes=3, worker_process_index=index).metrics_port for index in (1, 2, 3)
@@ -95,38 +76,6 @@ def test_each_process_serves_metrics_on_its_own_port() -> None:
 def test_a_process_index_beyond_the_group_is_refused() -> None:
     with pytest.raises(ValueError, match="beyond worker_processes"):
         Settings(worker_processes=2, worker_process_index=3)
-
-
-@pytest.mark.parametrize(
-    ("concurrencies", "cores", "processes"),
-    [
-        ([8], 2, 1),  # a few slots: one process keeps up
-        ([64], 2, 2),  # two processes' worth of slots
-        ([256], 2, 2),  # never more than one per core
-        ([256], 8, 8),
-        ([200, 56], 16, 8),  # the slots of every instance count
-        ([300, 3], 16, 3),  # each process needs a slot of every instance to share
-        ([], 4, 1),  # nothing configured yet
-        ([1000], 1, 1),
-    ],
-)
-def test_the_default_process_count_follows_the_slots_and_the_cores(
-    concurrencies: list[int], cores: int, processes: int
-) -> None:
-    assert SLOTS_PER_PROCESS == 32
-    assert default_process_count(concurrencies, cores) == processes
-
-
-@pytest.mark.parametrize(
-    ("cpu_max", "cores"),
-    [("150000 100000\n", 2), ("100000 100000\n", 1), ("50000 100000\n", 1), ("max 100000\n", None)],
-)
-def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path, cpu_max: str, cores: int | None) -> None:
-    path = tmp_path / "cpu.max"
-    path.write_text(cpu_max)
-    assert cgroup_cpu_limit(path) == cores
-    assert cgroup_cpu_limit(tmp_path / "missing") is None
-    assert 1 <= available_cores() <= (os.cpu_count() or 1)
 
 
 def test_a_worker_without_processes_sizes_its_group_from_the_cores_and_the_slots(
@@ -219,10 +168,7 @@ def test_when_one_process_dies_the_group_stops(fleet: Fleet, group_simulator: Si
         children = psutil.Process(group.pid).children()
         assert len(children) == 2
         children[0].kill()
-        deadline = time.monotonic() + 30
-        while group.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert group.poll() is not None, "the group outlived one of its processes"
+        wait_for(lambda: group.poll() is not None, timeout_s=30, what="the group ending with one of its processes")
         assert group.returncode != 0
         assert not children[1].is_running() or children[1].status() == psutil.STATUS_ZOMBIE
     finally:

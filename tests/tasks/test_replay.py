@@ -8,12 +8,12 @@ vLLM and model, so the session's in-process worker never takes these lanes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import re
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,9 +55,8 @@ class LoggedWorker:
 
     def assert_refusals(self, expected: list[str]) -> None:
         """The worker logged exactly these refusals (allow its log a moment to reach the file)."""
-        deadline = time.monotonic() + LOG_WAIT_S
-        while self.refusals() != expected and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with contextlib.suppress(AssertionError):  # compared below, with the difference shown
+            wait_for(lambda: self.refusals() == expected, timeout_s=LOG_WAIT_S, what="the refusals in the log")
         assert self.refusals() == expected
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from provider.protocol import FleetError
+from tests.conftest import wait_until
 from tests.tasks.conftest import CHAT_MODEL, Fleet
 
 PROMPT = [{"role": "user", "content": "one two three four five six seven eight"}]
@@ -79,7 +80,7 @@ def test_cancel_stops_generation_within_a_chunk(fleet: Fleet) -> None:
     with pytest.raises(FleetError) as outcome:
         result.get()
     assert outcome.value.code == "cancelled"
-    _wait_until(lambda: fleet.simulator.stats()["aborted"] >= 1)
+    wait_until(lambda: fleet.simulator.stats()["aborted"] >= 1, 5.0, "the simulator counting the abort")
     assert fleet.simulator.stats()["in_flight"] == 0
 
 
@@ -108,12 +109,3 @@ def test_error_frame_ends_the_stream_with_a_typed_error(fleet: Fleet) -> None:
     assert info.value.code == "bad_request", "a 400 error frame reads as a 400 answer would"
     with pytest.raises(FleetError):
         result.get()
-
-
-def _wait_until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")

@@ -786,7 +786,7 @@ class TestProbe:
     def test_nothing_there(self) -> None:
         started = time.monotonic()
         assert probe("http://127.0.0.1:9", timeout_s=0.1) is False
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 5  # refused at once: it never hangs (a loose bound, not a benchmark)
 
     def test_something_else_there(self, fake_vllm: FakeVllm) -> None:
         assert not probe("http://localhost:8000", http=httpx.Client(transport=httpx.MockTransport(fake_vllm.handle)))

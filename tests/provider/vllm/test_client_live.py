@@ -30,13 +30,14 @@ from provider.vllm import (
     is_retryable,
     probe,
 )
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
 CHAT_MODEL = "qwen3-6-27b"
 EMBED_MODEL = "minilm"
 API_KEY = "sim-key-not-secret"
-STATS_WAIT_S = 5.0
+STATS_WAIT_S = 15.0  # a bound for a loaded host
 HANG_S = 30  # a hung server answers after this: a call cut at its deadline returns long before
 
 
@@ -54,14 +55,10 @@ def collect(client: VllmClient, request: ChatRequest, **options: Any) -> ChatRes
 
 def wait_for(sim: Any, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """Poll the simulator's counters until ``condition`` holds (or fail after a few seconds)."""
-    deadline = time.monotonic() + STATS_WAIT_S
-    while True:
-        stats: dict[str, Any] = sim.stats()
-        if condition(stats):
-            return stats
-        if time.monotonic() > deadline:
-            pytest.fail(f"the simulator never reached the expected state: {stats}")
-        time.sleep(0.02)
+    stats: dict[str, Any] = wait_until(
+        lambda: current if condition(current := sim.stats()) else None, STATS_WAIT_S, "the simulator's state"
+    )
+    return stats
 
 
 def counting_connects(connects: list[str]) -> Callable[[httpx.Request], None]:
@@ -200,9 +197,7 @@ class TestCalls:
 
     def test_metrics_while_a_stream_runs(self, client: VllmClient, sim: Any) -> None:
         # Streams other tests left behind are still counted by the server until it sees them closed: start alone.
-        deadline = time.monotonic() + STATS_WAIT_S
-        while client.metrics().running and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: client.metrics().running == 0, STATS_WAIT_S, "no stream running")
         sim.configure(itl_s=0.05, output_tokens=200)
         with client.stream_chat(chat_request(ignore_eos=True)) as stream:
             next(stream)
