@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 
 from provider.settings import SecuritySettings
 from tests.conftest import BACKEND_DB, BROKER_DB, STATE_DB, flush_test_databases
@@ -91,6 +92,10 @@ def test_worker_sigkill_mid_load(broker: str, redis_url: str, fault_security: Se
             if sim.ran(p) == 0 and runtime().ledger.peek(request_ids.get(p, "?")) is None and p in request_ids
         ]
         tally.notes["never_started"] = len(never_started)
+        # ... and whether the broker still holds them anywhere (a lane, kombu's unacked hash): a message in
+        # neither was popped by the killed worker and never recorded (the BRPOP window), not recovered late
+        held = _held_by_broker(broker_url, [request_ids[p] for p in never_started]) if broker == "redis" else 0
+        tally.notes["never_started_still_in_broker"] = held
         tally.report()
         # Redis: kombu's transport pops a message (BRPOP) before it records it as unacked (a second round trip);
         # a SIGKILL between the two loses that message: at most one per killed worker process (one here). Its
@@ -99,6 +104,7 @@ def test_worker_sigkill_mid_load(broker: str, redis_url: str, fault_security: Se
         allowed = 1 if broker == "redis" else 0
         assert tally.ok >= total - allowed, (tally.row(), second.logs()[-2000:] if second else "")
         assert tally.ok + len(never_started) >= total, ("a request that had started was not answered", tally.row())
+        assert held == 0, ("a message the broker still holds was not redelivered by its deadline", tally.row())
         assert set(tally.errors) <= {"fleet_timeout"}, tally.row()
         assert tally.lost == 0
         assert tally.duplicated == 0
@@ -109,6 +115,24 @@ def test_worker_sigkill_mid_load(broker: str, redis_url: str, fault_security: Se
             second.stop()
         sim.stop()
         flush_test_databases(redis_url)
+
+
+def _held_by_broker(broker_url: str, request_ids: list[str]) -> int:
+    """How many of these requests' messages a Redis broker database still holds (in any list or hash)."""
+    if not request_ids:
+        return 0
+    client = redis.Redis.from_url(broker_url)
+    try:
+        blobs: list[bytes] = []
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            if kind == b"list":
+                blobs.extend(client.lrange(key, 0, -1))
+            elif kind == b"hash":
+                blobs.extend(client.hvals(key))
+        return sum(1 for request_id in request_ids if any(request_id.encode() in blob for blob in blobs))
+    finally:
+        client.close()
 
 
 def _answers(prompt: str, reply: Any) -> bool:
