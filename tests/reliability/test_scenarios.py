@@ -4,10 +4,12 @@ appends its row to ``VFT_RELIABILITY_REPORT`` (docs/reliability.md shows the las
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -109,12 +111,13 @@ def test_vllm_faults_two_instances(redis_url: str, fault_security: SecuritySetti
     ) as fleet:
         a, b = fleet.sims["sim-a"], fleet.sims["sim-b"]
         calls = Calls(tally, pool_size=1)
+        restarts: list[threading.Timer] = []
         phases: list[tuple[str, Any]] = [
             ("5xx burst", lambda: a.configure(failures=[{"route": "chat", "status": 500, "count": 5}])),
             ("503 busy", lambda: b.configure(failures=[{"route": "chat", "status": 503, "count": 5}])),
             ("resets", lambda: a.configure(failures=[{"route": "chat", "mode": "drop", "count": 5}])),
             ("hang", lambda: b.configure(failures=[{"route": "chat", "mode": "hang", "hang_s": 3, "count": 2}])),
-            ("sim-a killed and restarted", lambda: _restart_later(a, down_s=1.0)),
+            ("sim-a killed and restarted", lambda: restarts.append(_restart_later(a, down_s=1.0))),
             ("sim-b dies", b.stop),
         ]
         for sim in (a, b):  # an error frame mid-stream, wherever the stream runs: the reader sees a reset
@@ -125,10 +128,13 @@ def test_vllm_faults_two_instances(redis_url: str, fault_security: SecuritySetti
             sim.configure(failures=[])
         for name, inject in phases:
             phase = Calls(Tally(name), pool_size=per_phase)
-            inject()
-            for _ in range(per_phase):
-                phase.chat(timeout_s=30)
-            phase.collect(margin_s=5)
+            with _watch_routing(fleet.settings, {"sim-a": a, "sim-b": b}) as seen:
+                inject()
+                for _ in range(per_phase):
+                    phase.chat(timeout_s=30)
+                phase.collect(margin_s=5)
+            if phase.tally.errors:  # what the producer saw while callers were refused (instances, circuits)
+                tally.notes[f"{name}: routing seen"] = seen
             tally.submitted += phase.tally.submitted
             tally.ok += phase.tally.ok
             tally.errors.update(phase.tally.errors)
@@ -137,7 +143,13 @@ def test_vllm_faults_two_instances(redis_url: str, fault_security: SecuritySetti
             tally.latencies_s.extend(phase.tally.latencies_s)
             calls.prompts.extend(phase.prompts)
             tally.notes[name] = f"{phase.tally.ok}/{phase.tally.submitted} ok"
-            # each fault is its own: what is left of a burst is cleared, and circuits start closed again
+            # each fault is its own: a restarted simulator is back up (under load its callers can all be served
+            # by the other instance before the restart; "sim-b dies" then began with sim-a still down, and 51/60
+            # callers rightly got fleet_unavailable: no instance could serve them), what is left of a burst is
+            # cleared, and circuits start closed again
+            for timer in restarts:
+                timer.join(30)
+            wait_until(lambda: a._server is not None and a._server.started, 30, "sim-a back up")
             for sim in (a, b):
                 if sim._server is not None:
                     sim.configure(failures=[])
@@ -221,10 +233,12 @@ def test_flood_of_bad_envelopes(redis_url: str, fault_security: SecuritySettings
     assert depth == 0
 
 
-def _restart_later(sim: Any, down_s: float) -> None:
+def _restart_later(sim: Any, down_s: float) -> threading.Timer:
     """Stop the simulator now (connections refused) and start it again on the same port after ``down_s``."""
     sim.stop()
-    threading.Timer(down_s, sim.start).start()
+    timer = threading.Timer(down_s, sim.start)
+    timer.start()
+    return timer
 
 
 def _closed(settings: Any, instance: str) -> bool:
@@ -236,6 +250,42 @@ def _closed(settings: Any, instance: str) -> bool:
         return True
     tracker.reset(instance)  # an operator's manual close (the next phase starts healthy)
     return False
+
+
+@contextlib.contextmanager
+def _watch_routing(settings: Any, sims: dict[str, Any]) -> Iterator[list[str]]:
+    """Record each change of what the producer here routes by: every offering's status in its registry view,
+    each instance's circuit, and which simulators are up (seconds since the start: state)."""
+    from provider.fleet.health import HealthTracker
+    from tasks.routing import _view
+    from tasks.runtime import runtime
+
+    tracker = HealthTracker.from_settings(runtime().redis, settings)
+    seen: list[str] = []
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def sample() -> None:
+        last = ""
+        while not stop.wait(0.05):
+            try:
+                offerings = sorted(f"{o.instance_id}:{o.usage_type[:5]}={o.status}" for o in _view(runtime()).all())
+                circuits = [f"{n}:{tracker.state(n).circuit}" for n in sims]
+                up = [n for n, sim in sims.items() if sim._server is not None and sim._server.started]
+                now = f"{offerings} circuits={circuits} up={up}"
+            except Exception as exc:
+                now = f"sample failed: {exc!r}"
+            if now != last:
+                seen.append(f"{time.monotonic() - started:.2f}s {now}")
+                last = now
+
+    thread = threading.Thread(target=sample, name="routing-watch", daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def _all_routable(instances: tuple[str, ...]) -> bool:
