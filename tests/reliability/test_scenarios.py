@@ -308,8 +308,8 @@ def _tree_rss_mb(pid: int) -> float:
 
 @full_only
 def test_load(redis_url: str, fault_security: SecuritySettings) -> None:
-    """Many short chats and concurrent streams against one worker of two processes: none lost or duplicated,
-    latency percentiles, worker memory before and after, lanes drained."""
+    """Many short chats and concurrent streams against one worker of two processes (``--processes 2``): none lost
+    or duplicated, latency percentiles, worker memory before and after, lanes drained."""
     from tasks.runtime import runtime
 
     chats, streams = sized(150, 5000), sized(5, 50)
@@ -320,6 +320,7 @@ def test_load(redis_url: str, fault_security: SecuritySettings) -> None:
         fault_security,
         sims={"sim-a": {"itl_s": 0.0}},
         concurrency=64,
+        processes=2,  # one worker of two processes (`vllm-fleet worker --processes 2`), as the issue asks
         lanes=LaneSettings(max_length=100_000, message_ttl_s=300, delivery_limit=3),
     ) as fleet:
         worker = fleet.workers[0]
