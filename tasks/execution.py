@@ -51,8 +51,9 @@ def run_stream(ctx: RequestContext) -> dict[str, Any]:
     writer = stream_writer(rt, verified)
     task_id = ctx.task.request.id
     attempts = 0
-    # A redelivered request (its worker died mid-stream) finds that worker's chunks: mark them superseded.
-    resumed = bool(rt.redis.exists(rt.keys.stream(verified.request_id)))
+    # A redelivered request (its worker died mid-stream) finds that worker's chunks: mark them superseded, and
+    # number the new entries after them.
+    resumed = writer.resume()
 
     def one_attempt(time_left_s: float) -> dict[str, Any]:
         nonlocal attempts

@@ -13,7 +13,8 @@ Each entry has a kind ``k`` and JSON data ``d``:
 
 When encryption is on, every entry's data is sealed (AES-256-GCM, bound to the request id), like results. Every
 entry is also signed by the worker (Ed25519, its response key ``w``): the signature ``s`` covers the request id,
-the kind, the entry's sequence number ``n`` (0, 1, 2, … in stream order) and the stored data. Readers skip (and
+the kind, the entry's sequence number ``n`` (0, 1, 2, … in stream order, continued by a re-run of the request
+after the entries already written: ``StreamWriter.resume``) and the stored data. Readers skip (and
 count) an entry that does not verify or repeats a sequence number already read, so a copied, re-kinded or
 forged entry is never yielded and the genuine ones are read on; a genuine entry past a missing one (the stream
 was truncated) ends the read with ``FleetError(code="stream_gap")``.
@@ -109,6 +110,12 @@ class EntrySealer:
 
     def _signing_input(self, kind: bytes, seq: int, stored: bytes) -> bytes:
         return b"%s\n%s\n%s\n%d\n%s" % (_ENTRY_SIGNATURE_PREFIX, self._request_id.encode(), kind, seq, stored)
+
+    def continue_after(self, seq: int) -> None:
+        """Number the next entry ``seq + 1``: a writer re-created for a stream that already holds entries (the
+        request re-run after its worker died, or handed back) continues the sequence its readers follow."""
+        with self._lock:
+            self._next_seq = max(self._next_seq, seq + 1)
 
     def fields(self, kind: bytes, plain: bytes) -> dict[str, bytes]:
         """The next entry of this stream as stored: kind, data (sealed), sequence number, worker kid, signature.

@@ -16,6 +16,7 @@ __all__ = ["ChunkRelay", "StreamWriter", "relay_for"]
 
 RELAY_BATCH = 512
 FLUSH_TIMEOUT_S = 10.0
+RESUME_SCAN = 16  # the last entries a re-created writer looks at for the sequence number to continue after
 
 
 class _StreamState:
@@ -125,6 +126,27 @@ class StreamWriter:
         self._cancel_key = cancel_key
         self._max_len = max_len
         self._retention_ms = int(retention_s * 1000)
+
+    def resume(self) -> bool:
+        """Continue the numbering of a stream that already holds entries (a re-run after the worker that wrote
+        them died, or a hand-back): the next entry follows the last one written, so readers see the reset and
+        the new run's chunks in sequence (no ``stream_gap``, nothing skipped as a repeat). Returns whether the
+        stream held entries (the new run must then start with a reset)."""
+        entries: Any = self._redis.xrevrange(self._key, count=RESUME_SCAN)
+        if not entries:
+            return False
+        numbers = [seq for _, fields in entries if (seq := self._written_seq(fields)) is not None]
+        if numbers:
+            self._sealer.continue_after(max(numbers))
+        return True
+
+    def _written_seq(self, fields: dict[bytes, bytes]) -> int | None:
+        """An entry's sequence number, if a fleet worker signed it (when this side can check signatures)."""
+        if self._sealer.can_verify:
+            checked = self._sealer.authentic(fields)
+            return None if checked is None else checked[1]
+        number = fields.get(b"n", b"")
+        return int(number) if number.isdigit() and len(number) <= 12 else None
 
     def chunk(self, chunk: StreamChunk) -> bool:
         """Relay one chunk as it arrives; returns whether the producer has asked to cancel (seen by the relay)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from celery import bootsteps
+from redis import Redis
 
 from provider.fleet.capacity import CapacityGate
 from provider.fleet.events import RegistryEvent, RegistryEventError
@@ -33,6 +34,7 @@ from provider.fleet.lanes import LaneStyle, parse_lane, slug
 from provider.fleet.names import MANAGEMENT_QUEUE_PREFIX
 from provider.fleet.offerings import Offering
 from provider.protocol import OperationNotAllowedError
+from provider.protocol.ledger import holder_client_name
 from provider.settings import InstanceSettings
 from provider.vllm.client import VllmClient
 from provider.vllm.discovery import discover_offerings, instances_to_serve, no_instances_reason
@@ -184,12 +186,31 @@ class ServedInstance:
 
 
 class LeaseKeeper:
-    """Renews the jti leases of requests running in this process, so a dead worker's leases lapse quickly."""
+    """Renews the jti leases of requests running in this process, so a dead worker's leases lapse quickly.
+
+    The heartbeat and the renewals go over a Redis connection of their own, named after the holder
+    (``CLIENT SETNAME``): a busy request pool never delays them, and while this process lives that connection is
+    listed by ``CLIENT LIST``, so a redelivered copy never takes over its leases even if a heartbeat comes late.
+    """
 
     def __init__(self, rt: FleetRuntime) -> None:
         self._rt = rt
         self._held: set[str] = set()
         self._lock = threading.Lock()
+        self._client: Redis | None = None
+
+    @property
+    def client(self) -> Redis:
+        """This holder's own named connection (made on first use, in the process that uses it)."""
+        if self._client is None:
+            self._client = Redis.from_url(
+                self._rt.settings.redis_url,
+                client_name=holder_client_name(self._rt.holder),
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+                max_connections=2,
+            )
+        return self._client
 
     def hold(self, jti: str) -> None:
         """Keep renewing this jti's lease until ``drop``."""
@@ -201,16 +222,15 @@ class LeaseKeeper:
         with self._lock:
             self._held.discard(jti)
 
-    def renew_all(self) -> None:
-        """One renewal round."""
+    def renew_all(self) -> int:
+        """One renewal round, one round trip: how many leases were renewed."""
         with self._lock:
             held = list(self._held)
-        for jti in held:
-            self._rt.ledger.renew(jti, self._rt.holder)
+        return sum(self._rt.ledger.renew_many(held, self._rt.holder, client=self.client))
 
     def heartbeat(self) -> None:
         """Say this worker process is alive (a redelivered copy of its work waits for it while it is)."""
-        self._rt.ledger.heartbeat(self._rt.holder, self._rt.settings.holder_ttl_s)
+        self._rt.ledger.heartbeat(self._rt.holder, self._rt.settings.holder_ttl_s, client=self.client)
 
 
 def touch_held_messages(rt: FleetRuntime) -> int:

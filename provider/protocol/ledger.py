@@ -13,8 +13,11 @@ Keys (all under one prefix given by the caller):
 
 ``{prefix}:alive:{holder}``
     A holder's heartbeat: present while the worker process that holds leases is alive (it renews it every
-    second or so, with a short expiry). A redelivered request whose lease is held by a holder without a
-    heartbeat takes the lease over at once instead of waiting out the lease (``take_over_if_dead``).
+    second or so, with a short expiry). The worker writes it on a connection of its own, named after the holder
+    (``CLIENT SETNAME``, ``holder_client_name``). A redelivered request takes a held lease over at once instead
+    of waiting out the lease (``take_over_if_dead``) only when the holder looks dead both ways: no heartbeat key
+    AND no client of that name in ``CLIENT LIST``. A live worker too starved to renew its key in time still
+    holds its connection (the kernel closes a killed process's sockets at once), so it keeps its lease.
 
 Lease times come from the Redis server clock, so workers with skewed clocks agree on who holds a jti.
 A claim of a jti answers: ``COMPLETED`` (the same message finished: answer with the stored result), ``HELD``
@@ -26,7 +29,9 @@ holder completes, renews or releases; a stored result is never overwritten.
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -47,6 +52,7 @@ __all__ = [
     "IdemStatus",
     "IdempotencyStore",
     "JtiLedger",
+    "holder_client_name",
     "idempotency_record_key",
     "jti_record_key",
 ]
@@ -201,6 +207,12 @@ def idempotency_record_key(prefix: str, scope: str, key: str) -> str:
     return f"{prefix}:idem:{sha256_hex([scope, key])}"
 
 
+def holder_client_name(holder: str) -> str:
+    """The Redis client name (``CLIENT SETNAME``) of a holder's heartbeat connection: the holder with anything
+    outside printable ASCII or a space replaced (Redis refuses those in a name)."""
+    return re.sub(r"[^!-~]", "_", holder) or "_"
+
+
 def _text(value: object) -> str:
     """A Redis reply as text (clients may or may not decode responses)."""
     if isinstance(value, bytes):
@@ -304,6 +316,18 @@ class JtiLedger:
         """Extend the lease; False when this holder no longer holds it."""
         return bool(self._renew(keys=[self.key(jti)], args=[holder, self._lease_ms]))
 
+    def renew_many(self, jtis: Iterable[str], holder: str, client: redis.Redis | None = None) -> list[bool]:
+        """Extend every lease this holder holds among ``jtis`` in one round trip (a pipeline of the renew
+        script): True for each renewed, False for each no longer held. ``client``: the connection to send it
+        on (a worker's own heartbeat connection), by default the ledger's."""
+        names = list(jtis)
+        if not names:
+            return []
+        pipe = (client or self._redis).pipeline(transaction=False)
+        for jti in names:
+            self._renew(keys=[self.key(jti)], args=[holder, self._lease_ms], client=pipe)
+        return [bool(reply) for reply in pipe.execute()]
+
     @property
     def client(self) -> redis.Redis:
         """The Redis client the ledger's scripts run on."""
@@ -324,16 +348,34 @@ class JtiLedger:
         """The Redis key of a holder's heartbeat."""
         return f"{self._prefix}:alive:{holder}"
 
-    def heartbeat(self, holder: str, ttl_s: float) -> None:
-        """Say this holder is alive for ``ttl_s`` more seconds."""
-        self._redis.set(self.alive_key(holder), "1", px=_ms(ttl_s))
+    def heartbeat(self, holder: str, ttl_s: float, client: redis.Redis | None = None) -> None:
+        """Say this holder is alive for ``ttl_s`` more seconds (on ``client``: the holder's named connection)."""
+        (client or self._redis).set(self.alive_key(holder), "1", px=_ms(ttl_s))
 
     def holder_alive(self, holder: str) -> bool:
         """Whether a holder's heartbeat is current."""
         return bool(self._redis.exists(self.alive_key(holder)))
 
+    def holder_connected(self, holder: str) -> bool:
+        """Whether a client named after this holder (its heartbeat connection) is connected to Redis now.
+
+        False when the server refuses ``CLIENT LIST`` (an ACL without it): the heartbeat key alone decides then.
+        """
+        name = holder_client_name(holder)
+        try:
+            clients = self._redis.client_list()
+        except redis.ResponseError:
+            return False
+        return any(client.get("name") == name for client in clients)
+
     def take_over_if_dead(self, jti: str, current_holder: str, holder: str) -> bool:
-        """Take a held lease whose holder has no heartbeat (its worker died); False if it is alive or moved on."""
+        """Take a held lease whose holder is dead: no heartbeat key and no connection named after it.
+
+        False when the holder is alive (either sign of life keeps its lease: a slow worker is not a dead one)
+        or the lease moved on. ``CLIENT LIST`` is only asked once the heartbeat key is missing.
+        """
+        if self.holder_alive(current_holder) or self.holder_connected(current_holder):
+            return False
         reply = self._take_over(
             keys=[self.key(jti), self.alive_key(current_holder)], args=[current_holder, holder, self._lease_ms]
         )

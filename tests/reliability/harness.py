@@ -9,8 +9,10 @@ the test databases and vhost the session owns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +30,7 @@ from typing import Any
 
 import redis
 import uvicorn
+from pydantic import SecretStr
 
 from provider.protocol import FleetError
 from provider.settings import InstanceSettings, LaneSettings, SecuritySettings, Settings, Timeouts
@@ -176,16 +179,60 @@ class PrivateRabbit:
 # ---------------------------------------------------------------------------------------------- simulator
 
 
+# Monotonic time each harness worker was SIGKILLed at, by identity (see ``Worker``): a run of a killed worker that
+# had not ended by then delivered nothing.
+KILLED: dict[str, float] = {}
+_KILLED_LOCK = threading.Lock()
+
+
+@dataclass
+class Run:
+    """One call the simulator received for a request: which worker process sent it (its identity), when it
+    started, and when and how it ended (the full response sent, with its status; or the client gone)."""
+
+    identity: str
+    started: float
+    ended: float | None = None
+    status: int = 0
+    complete: bool = False
+    disconnected: bool = False
+
+    def live_until(self) -> float:
+        """When this run stopped mattering: its end, or its worker's death, whichever came first."""
+        with _KILLED_LOCK:
+            killed = KILLED.get(self.identity, float("inf"))
+        return min(self.ended if self.ended is not None else float("inf"), killed)
+
+    def delivered(self) -> bool:
+        """A full 200 response sent while its worker was alive: a visible effect."""
+        return self.complete and self.status == 200 and self.ended is not None and self.ended <= self.live_until()
+
+
 class CountingSimulator(_Controlled):
-    """The vLLM simulator in a thread, counting how many times it received each request (by its prompt)."""
+    """The vLLM simulator in a thread, recording every run of every request (keyed by its prompt) with the
+    identity of the worker process that sent it.
+
+    **Duplicate rule.** Each ``Worker`` the harness starts has its own identity, the bearer token (``api_key``)
+    of every instance in its settings; the simulator reads it from ``Authorization``. A request counts as
+    *duplicated* (a duplicated effect) when either
+
+    - it was *delivered* more than once: a full response with status 200 sent, each time while the worker that
+      asked was alive (``KILLED`` holds when each identity was SIGKILLed); or
+    - it was run by two different live workers at once: two runs of different identities overlapping in time,
+      each counted from its start until the earliest of its full response, its client disconnecting, or its
+      worker's death.
+
+    Not duplicates: a run the SIGKILLed worker had started but not finished, run again by another worker
+    (*rerun*: the redelivery the design promises); a retry after a failed attempt (not a 200); a request the
+    simulator received twice from one worker one after the other, the first failing.
+    """
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config_at_start = config
         self.inner = create_app(config)
         self.received: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
-        self.succeeded: Counter[str] = Counter()
-        self.receipts: dict[str, list[float]] = {}
+        self.runs: dict[str, list[Run]] = {}
         self._lock = threading.Lock()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -208,32 +255,49 @@ class CountingSimulator(_Controlled):
             key = json.dumps(parsed.get("messages") or parsed.get("input"), sort_keys=True)
         except ValueError:
             key = "?"
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        identity = headers.get("authorization", "").removeprefix("Bearer ").strip() or "?"
+        run = Run(identity, time.monotonic())
         with self._lock:
             self.received[key] += 1
-            self.receipts.setdefault(key, []).append(time.monotonic())
+            self.runs.setdefault(key, []).append(run)
         sent = False
 
-        status = 0
+        def client_gone() -> None:
+            with self._lock:
+                if not run.complete and run.ended is None:
+                    run.ended, run.disconnected = time.monotonic(), True
 
         async def counting_send(message: dict[str, Any]) -> None:
-            nonlocal status
-            await send(message)
             if message.get("type") == "http.response.start":
-                status = int(message.get("status", 0))
-            if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                run.status = int(message.get("status", 0))
+            final = message.get("type") == "http.response.body" and not message.get("more_body", False)
+            if final:  # marked before sending: the server's own end-of-response wake-up is not a disconnect
                 with self._lock:
+                    if not run.disconnected:
+                        run.ended, run.complete = time.monotonic(), True
                     self.completed[key] += 1
-                    if status == 200:
-                        self.succeeded[key] += 1
+            await send(message)
 
         async def replay() -> dict[str, Any]:
             nonlocal sent
             if sent:
-                return await receive()
+                message = await receive()
+                if message.get("type") == "http.disconnect":
+                    client_gone()
+                return dict(message)
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.inner(scope, replay, counting_send)
+        async def watch_disconnect() -> None:  # the client gone before the response ended: the run ends there
+            if (await receive()).get("type") == "http.disconnect":
+                client_gone()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await self.inner(scope, replay, counting_send)
+        finally:
+            watcher.cancel()
 
     def start(self) -> None:
         config = uvicorn.Config(
@@ -262,34 +326,26 @@ class CountingSimulator(_Controlled):
         self._server = self._thread = None
 
     def _of(self, prompts: list[str]) -> list[list[float]]:
+        """Start times of every run of each of these requests."""
+        return [[run.started for run in runs] for runs in self._runs_of(prompts)]
+
+    def _runs_of(self, prompts: list[str]) -> list[list[Run]]:
         keys = {json.dumps([{"role": "user", "content": p}], sort_keys=True) for p in prompts}
-        return [times for key, times in self.receipts.items() if key in keys]
-
-    def duplicated(self, prompts: list[str], *, killed_at: float | None = None) -> int:
-        """Requests the simulator ran more than once on live workers.
-
-        Without ``killed_at``: every request the simulator answered successfully more than once. With it (a
-        worker was SIGKILLed at that monotonic time): a request the dead worker had started runs once more by
-        design; a duplicate is one received twice before the kill or twice after it.
-        """
         with self._lock:
-            if killed_at is None:  # answered 200 more than once (a retry after a failed attempt is not one)
-                keys = {json.dumps([{"role": "user", "content": p}], sort_keys=True) for p in prompts}
-                return sum(1 for key in keys if self.succeeded[key] > 1)
-            return sum(
-                1
-                for times in self._of(prompts)
-                if sum(t < killed_at for t in times) > 1 or sum(t >= killed_at for t in times) > 1
-            )
+            return [list(runs) for key, runs in self.runs.items() if key in keys]
 
-    def reruns(self, prompts: list[str], killed_at: float) -> int:
-        """Requests started before the kill and run again after it (the dead worker's work, redelivered)."""
-        with self._lock:
-            return sum(
-                1
-                for times in self._of(prompts)
-                if any(t < killed_at for t in times) and any(t >= killed_at for t in times)
-            )
+    def duplicated(self, prompts: list[str]) -> int:
+        """Requests with a duplicated effect, by the rule in the class docstring."""
+        return sum(1 for runs in self._runs_of(prompts) if _duplicated(runs))
+
+    def reruns(self, prompts: list[str]) -> int:
+        """Requests a SIGKILLed worker had started and not finished, run again by another worker."""
+        count = 0
+        for runs in self._runs_of(prompts):
+            cut = [r for r in runs if r.identity in KILLED and not r.delivered()]
+            if any(other.identity != r.identity and other.started >= r.started for r in cut for other in runs):
+                count += 1
+        return count
 
     def completed_for(self, prompt: str) -> int:
         """How many times a chat with this one user message was answered in full."""
@@ -302,6 +358,19 @@ class CountingSimulator(_Controlled):
         key = json.dumps([{"role": "user", "content": prompt}], sort_keys=True)
         with self._lock:
             return self.received[key]
+
+
+def _duplicated(runs: list[Run]) -> bool:
+    """Delivered more than once, or run by two different live workers at overlapping times."""
+    if sum(run.delivered() for run in runs) > 1:
+        return True
+    for index, first in enumerate(runs):
+        for second in runs[index + 1 :]:
+            if first.identity == second.identity:
+                continue
+            if first.started < second.live_until() and second.started < first.live_until():
+                return True
+    return False
 
 
 def simulator_config(**overrides: Any) -> SimulatorConfig:
@@ -355,12 +424,25 @@ def fault_settings(
 
 
 class Worker:
-    """A real ``celery worker`` process, configured only through ``VLLM_FLEET_*`` variables."""
+    """A real ``celery worker`` process, configured only through ``VLLM_FLEET_*`` variables.
+
+    Each has its own ``identity``: the bearer token (``api_key``) of every instance in its settings, so the
+    simulator knows which worker process sent each call (``CountingSimulator``'s duplicate rule).
+    """
 
     def __init__(self, settings: Settings, name: str, *, concurrency: int, processes: int = 1) -> None:
         from tasks.cli import worker_group_argv, worker_process_argv
 
-        env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        self.identity = f"vft-worker-{name}-{secrets.token_hex(4)}"
+        own = settings.model_copy(
+            update={
+                "instances": {
+                    key: instance.model_copy(update={"api_key": SecretStr(self.identity)})
+                    for key, instance in settings.instances.items()
+                }
+            }
+        )
+        env = {**os.environ, **own.to_env(), "PYTHONUNBUFFERED": "1"}
         self.name = name
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file: a chatty worker never blocks
         argv = worker_process_argv(name, concurrency) if processes == 1 else worker_group_argv(name, processes)
@@ -380,6 +462,8 @@ class Worker:
         """SIGKILL the whole process group: no warm shutdown, no acks."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
+            with _KILLED_LOCK:
+                KILLED.setdefault(self.identity, time.monotonic())
         self.process.wait(10)
 
     def stop(self) -> None:

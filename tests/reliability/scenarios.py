@@ -33,8 +33,10 @@ class Stage:
     sims: dict[str, CountingSimulator]
     workers: list[Worker] = field(default_factory=list)
 
-    def add_worker(self, name: str, concurrency: int, settings: Settings | None = None) -> Worker:
-        worker = Worker(settings or self.settings, name, concurrency=concurrency)
+    def add_worker(
+        self, name: str, concurrency: int, settings: Settings | None = None, *, processes: int = 1
+    ) -> Worker:
+        worker = Worker(settings or self.settings, name, concurrency=concurrency, processes=processes)
         self.workers.append(worker)
         return worker
 
@@ -49,9 +51,11 @@ def stage(
     concurrency: int = 32,
     workers: int = 1,
     worker_per_instance: bool = False,
+    processes: int = 1,
     **overrides: Any,
 ) -> Iterator[Stage]:
-    """Simulators (name -> config overrides), settings serving them all, and ``workers`` worker processes."""
+    """Simulators (name -> config overrides), settings serving them all, and ``workers`` workers (each of
+    ``processes`` processes: ``vllm-fleet worker --processes``)."""
     flush_test_databases(redis_url)
     started: dict[str, CountingSimulator] = {}
     running: Stage | None = None
@@ -78,7 +82,7 @@ def stage(
                 running.add_worker(f"w-{name}", concurrency + 2, own)
         else:
             for index in range(workers):
-                running.add_worker(f"w{index}", concurrency + 2)
+                running.add_worker(f"w{index}", concurrency + 2, processes=processes)
         wait_for_offerings(settings, 2 * len(started))
         yield running
     finally:
