@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 pytest_plugins = ("celery.contrib.pytest",)
 
@@ -78,6 +79,14 @@ def redis_url() -> str:
     """Base URL of the test Redis (databases are chosen per use)."""
     require_server("Redis", REDIS_HOST, REDIS_PORT)
     return f"redis://{REDIS_HOST}:{REDIS_PORT}"
+
+
+@pytest.fixture
+def state_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the fleet-state database (streams, ledger), closed after the test."""
+    connection = redis.Redis.from_url(f"{redis_url}/{STATE_DB}")
+    yield connection
+    connection.close()
 
 
 @pytest.fixture(scope="session")

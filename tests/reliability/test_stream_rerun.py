@@ -17,29 +17,21 @@ from provider.vllm.models import StreamChunk
 from tasks.metrics import FORGED_STREAM_ENTRIES
 from tasks.stream_reader import read_stream
 from tasks.streams import EntrySealer, StreamReset, StreamWriter
-from tests.conftest import STATE_DB
 
 RING = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(f"{redis_url}/{STATE_DB}")
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def key(client: redis.Redis) -> Iterator[str]:
+def key(state_client: redis.Redis) -> Iterator[str]:
     name = f"vft-rerun-{uuid.uuid4().hex}"
     yield name
-    client.delete(name, name + ":cancel")
+    state_client.delete(name, name + ":cancel")
 
 
-def _writer(client: redis.Redis, key: str, request_id: str) -> StreamWriter:
+def _writer(state_client: redis.Redis, key: str, request_id: str) -> StreamWriter:
     """A fresh writer, as a worker process that never saw this stream makes it."""
     sealer = EntrySealer(RING, request_id, encrypt=True)
-    return StreamWriter(client, key, max_len=10_000, retention_s=60, cancel_key=key + ":cancel", sealer=sealer)
+    return StreamWriter(state_client, key, max_len=10_000, retention_s=60, cancel_key=key + ":cancel", sealer=sealer)
 
 
 def _skipped() -> float:
@@ -47,28 +39,28 @@ def _skipped() -> float:
     return sum(s.value for m in FORGED_STREAM_ENTRIES.collect() for s in m.samples if s.name.endswith("_total"))
 
 
-def _read(client: redis.Redis, key: str, request_id: str, start_id: str = "0-0") -> tuple[list[object], float]:
+def _read(state_client: redis.Redis, key: str, request_id: str, start_id: str = "0-0") -> tuple[list[object], float]:
     sealer = EntrySealer(RING, request_id, encrypt=True)
     before = _skipped()
     items: list[object] = [
         "reset" if isinstance(item, StreamReset) else item.content
-        for item in read_stream(client, key, deadline=time.time() + 5, sealer=sealer, start_id=start_id)
+        for item in read_stream(state_client, key, deadline=time.time() + 5, sealer=sealer, start_id=start_id)
     ]
     return items, _skipped() - before
 
 
 @pytest.mark.parametrize("written", [1, 7, 40])
 def test_a_rerun_continues_the_sequence_after_the_dead_workers_entries(
-    client: redis.Redis, key: str, written: int
+    state_client: redis.Redis, key: str, written: int
 ) -> None:
     request_id = uuid.uuid4().hex
-    first = _writer(client, key, request_id)
+    first = _writer(state_client, key, request_id)
     assert first.resume() is False, "a new stream holds nothing to continue"
     for index in range(written):
         first.chunk(StreamChunk(content=f"old{index} "))
     first.flush()  # then its worker dies: no terminal entry
 
-    rerun = _writer(client, key, request_id)  # the redelivered copy, in another process
+    rerun = _writer(state_client, key, request_id)  # the redelivered copy, in another process
     assert rerun.resume() is True
     rerun.reset(1)
     answer = [f"new{index} " for index in range(5)]
@@ -76,7 +68,7 @@ def test_a_rerun_continues_the_sequence_after_the_dead_workers_entries(
         rerun.chunk(StreamChunk(content=word))
     rerun.done({"finish_reason": "stop"})
 
-    items, refused = _read(client, key, request_id)
+    items, refused = _read(state_client, key, request_id)
     assert refused == 0, "no entry of the re-run was skipped as a repeat"
     assert "reset" in items
     after_reset = items[len(items) - 1 - items[::-1].index("reset") + 1 :]
@@ -84,10 +76,10 @@ def test_a_rerun_continues_the_sequence_after_the_dead_workers_entries(
     assert items[: items.index("reset")] == [f"old{index} " for index in range(written)]
 
 
-def test_a_reader_that_was_midway_reads_on_through_the_rerun(client: redis.Redis, key: str) -> None:
+def test_a_reader_that_was_midway_reads_on_through_the_rerun(state_client: redis.Redis, key: str) -> None:
     """A reader resuming from the dead run's last entry (where it had stopped) reads the reset and the new answer."""
     request_id = uuid.uuid4().hex
-    first = _writer(client, key, request_id)
+    first = _writer(state_client, key, request_id)
     for index in range(3):
         first.chunk(StreamChunk(content=f"old{index} "))
     first.flush()
@@ -95,14 +87,14 @@ def test_a_reader_that_was_midway_reads_on_through_the_rerun(client: redis.Redis
     sealer = EntrySealer(RING, request_id, encrypt=True)
     deadline = time.time() + 0.5
     with pytest.raises(FleetError):  # the read stops at its short deadline: the stream has no end yet
-        for _ in read_stream(client, key, deadline=deadline, sealer=sealer, on_entry=last.append):
+        for _ in read_stream(state_client, key, deadline=deadline, sealer=sealer, on_entry=last.append):
             pass
     assert last, "the reader had read the dead run's entries"
 
-    rerun = _writer(client, key, request_id)
+    rerun = _writer(state_client, key, request_id)
     assert rerun.resume()
     rerun.reset(1)
     rerun.chunk(StreamChunk(content="new "))
     rerun.done({"finish_reason": "stop"})
-    items, refused = _read(client, key, request_id, start_id=last[-1])
+    items, refused = _read(state_client, key, request_id, start_id=last[-1])
     assert (items, refused) == (["reset", "new "], 0)

@@ -17,23 +17,15 @@ from hypothesis import strategies as st
 from provider.protocol import FleetError, KeyRing, generated_security
 from provider.vllm.models import StreamChunk
 from tasks.streams import KIND_CHUNK, KIND_CHUNKS, KIND_DONE, EntrySealer, StreamWriter, read_stream
-from tests.conftest import STATE_DB
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(f"{redis_url}/{STATE_DB}")
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def key(client: redis.Redis) -> Iterator[str]:
+def key(state_client: redis.Redis) -> Iterator[str]:
     name = f"vft-entries-{uuid.uuid4().hex}"
     yield name
-    client.delete(name, name + ":cancel")
+    state_client.delete(name, name + ":cancel")
 
 
 @pytest.fixture(params=["sealed", "plain"])
@@ -46,55 +38,57 @@ def chunk_json(text: str) -> bytes:
     return StreamChunk(content=text).model_dump_json(exclude_none=True, exclude_defaults=True).encode()
 
 
-def add(client: redis.Redis, key: str, sealer: EntrySealer, kind: bytes, plain: bytes) -> str:
+def add(state_client: redis.Redis, key: str, sealer: EntrySealer, kind: bytes, plain: bytes) -> str:
     fields: Any = sealer.fields(kind, plain)
-    entry_id: Any = client.xadd(key, fields)
+    entry_id: Any = state_client.xadd(key, fields)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-def read(client: redis.Redis, key: str, sealer: EntrySealer, start_id: str = "0-0") -> tuple[list[str], list[str]]:
+def read(
+    state_client: redis.Redis, key: str, sealer: EntrySealer, start_id: str = "0-0"
+) -> tuple[list[str], list[str]]:
     positions: list[str] = []
     texts = [
         getattr(item, "content", None) or ""
         for item in read_stream(
-            client, key, deadline=time.time() + 5, sealer=sealer, start_id=start_id, on_entry=positions.append
+            state_client, key, deadline=time.time() + 5, sealer=sealer, start_id=start_id, on_entry=positions.append
         )
     ]
     return texts, positions
 
 
 def test_a_batch_entry_reads_as_its_chunks_and_resumes_inside_it(
-    client: redis.Redis, key: str, sealer: EntrySealer
+    state_client: redis.Redis, key: str, sealer: EntrySealer
 ) -> None:
-    batch = add(client, key, sealer, KIND_CHUNKS, b"[" + b",".join(chunk_json(t) for t in "abcde") + b"]")
-    single = add(client, key, sealer, KIND_CHUNK, chunk_json("f"))
-    add(client, key, sealer, KIND_DONE, json.dumps({"finish_reason": "stop"}).encode())
+    batch = add(state_client, key, sealer, KIND_CHUNKS, b"[" + b",".join(chunk_json(t) for t in "abcde") + b"]")
+    single = add(state_client, key, sealer, KIND_CHUNK, chunk_json("f"))
+    add(state_client, key, sealer, KIND_DONE, json.dumps({"finish_reason": "stop"}).encode())
 
-    texts, positions = read(client, key, sealer)
+    texts, positions = read(state_client, key, sealer)
     assert texts == list("abcdef")
     assert positions[:6] == [f"{batch}/1", f"{batch}/2", f"{batch}/3", f"{batch}/4", batch, single]
 
-    assert read(client, key, sealer, start_id=f"{batch}/2")[0] == list("cdef")  # nothing lost, nothing twice
-    assert read(client, key, sealer, start_id=batch)[0] == ["f"]
-    assert read(client, key, sealer, start_id=single)[0] == []
+    assert read(state_client, key, sealer, start_id=f"{batch}/2")[0] == list("cdef")  # nothing lost, nothing twice
+    assert read(state_client, key, sealer, start_id=batch)[0] == ["f"]
+    assert read(state_client, key, sealer, start_id=single)[0] == []
 
 
-def test_a_position_that_is_not_one_is_refused(client: redis.Redis, key: str, sealer: EntrySealer) -> None:
+def test_a_position_that_is_not_one_is_refused(state_client: redis.Redis, key: str, sealer: EntrySealer) -> None:
     with pytest.raises(FleetError) as caught:
-        read(client, key, sealer, start_id="1-0/two")
+        read(state_client, key, sealer, start_id="1-0/two")
     assert caught.value.code == "malformed"
 
 
 def test_a_fast_writer_loses_nothing_and_needs_fewer_entries_than_chunks(
-    client: redis.Redis, key: str, sealer: EntrySealer
+    state_client: redis.Redis, key: str, sealer: EntrySealer
 ) -> None:
-    writer = StreamWriter(client, key, max_len=10_000, retention_s=60, cancel_key=key + ":cancel", sealer=sealer)
+    writer = StreamWriter(state_client, key, max_len=10_000, retention_s=60, cancel_key=key + ":cancel", sealer=sealer)
     words = [f"w{i} " for i in range(2000)]
     for word in words:
         assert writer.chunk(StreamChunk(content=word)) is False
     writer.done({"finish_reason": "stop"})
-    assert read(client, key, sealer)[0] == words
-    assert client.xlen(key) < len(words) + 1  # the relay grouped the chunks queued behind a round trip
+    assert read(state_client, key, sealer)[0] == words
+    assert state_client.xlen(key) < len(words) + 1  # the relay grouped the chunks queued behind a round trip
 
 
 @functools.cache
@@ -121,16 +115,16 @@ def test_any_single_byte_change_to_a_stored_entry_is_refused(encrypt: bool, data
     assert sealer.authentic(changed) is None
 
 
-def test_a_reader_without_worker_keys_is_told_so_at_once(client: redis.Redis, key: str) -> None:
+def test_a_reader_without_worker_keys_is_told_so_at_once(state_client: redis.Redis, key: str) -> None:
     """A producer configured without the workers' public keys: a typed configuration error, not a long wait."""
     from provider.settings import SecuritySettings
 
     writer_ring = KeyRing.from_settings(generated_security(kid="t1", encryption_kid="e1"))
-    add(client, key, EntrySealer(writer_ring, "req-1"), KIND_DONE, b"{}")
+    add(state_client, key, EntrySealer(writer_ring, "req-1"), KIND_DONE, b"{}")
     sealing = generated_security(kid="t1", encryption_kid="e1")
     reader_ring = KeyRing.from_settings(
         SecuritySettings(encryption_keys=sealing.encryption_keys, encryption_kid=sealing.encryption_kid)
     )
     with pytest.raises(FleetError) as caught:
-        read(client, key, EntrySealer(reader_ring, "req-1"))
+        read(state_client, key, EntrySealer(reader_ring, "req-1"))
     assert caught.value.code == "key_configuration"
